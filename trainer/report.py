@@ -1,0 +1,133 @@
+"""Run artefacts: metrics.jsonl, TensorBoard events, the history plot, the classification
+report and summary.json (DESIGN.md section 3). Only process 0 creates a `Reporter` that
+writes; other processes get a `Reporter(None)` whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402
+from sklearn import metrics as sk_metrics  # noqa: E402
+
+from trainer import storage  # noqa: E402
+
+
+class Reporter:
+  """Writes the run's metrics and reports under `workdir` (None: write nothing)."""
+
+  def __init__(self, workdir: str | None, resume_step: int = 0):
+    self.workdir = workdir
+    self.rows: list[dict] = []
+    self._tb = None
+    if workdir is None:
+      return
+    metrics_path = storage.path(workdir) / "metrics.jsonl"
+    if metrics_path.exists():
+      # Rows past the restored step are from a run that died before its next
+      # checkpoint; they are recomputed, so drop them to keep one row per step.
+      rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+      self.rows = [r for r in rows if r["step"] <= resume_step]
+    self._tb_local = (str(storage.path(workdir) / "tensorboard") if not storage.is_remote(workdir)
+                      else tempfile.mkdtemp(prefix="jaxjob-tb-"))
+
+  @property
+  def active(self) -> bool:
+    return self.workdir is not None
+
+  def log(self, row: dict) -> None:
+    if not self.active:
+      return
+    self.rows.append(row)
+    writer = self._writer()
+    for key, value in row.items():
+      if key not in ("step", "time") and isinstance(value, (int, float)):
+        writer.add_scalar(key, value, row["step"])
+
+  def flush(self) -> None:
+    """Rewrites metrics.jsonl in one atomic write and flushes TensorBoard."""
+    if not self.active:
+      return
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
+    storage.write_text(storage.path(self.workdir) / "metrics.jsonl", text)
+    if self._tb is not None:
+      self._tb.flush()
+      if storage.is_remote(self.workdir):
+        for name in os.listdir(self._tb_local):
+          with open(os.path.join(self._tb_local, name), "rb") as f:
+            storage.write_bytes(storage.path(self.workdir) / "tensorboard" / name, f.read())
+
+  def close(self) -> None:
+    self.flush()
+    if self._tb is not None:
+      self._tb.close()
+      if storage.is_remote(self.workdir):
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+
+  def _writer(self):
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(self._tb_local, flush_secs=60)
+    return self._tb
+
+  def write_json(self, relative: str, obj) -> None:
+    if self.active:
+      storage.write_json(storage.path(self.workdir) / relative, obj)
+
+  def write_text(self, relative: str, text: str) -> None:
+    if self.active:
+      storage.write_text(storage.path(self.workdir) / relative, text)
+
+  def plot_history(self, eval_rows: list[dict]) -> None:
+    """plots/history.png: training loss and train/held-out accuracy against step."""
+    if not self.active:
+      return
+    steps = [r["step"] for r in self.rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(steps, [r["loss"] for r in self.rows], label="train")
+    ax_loss.set(xlabel="step", ylabel="loss", title="Loss history")
+    ax_acc.plot(steps, [r["accuracy"] for r in self.rows], label="train")
+    if eval_rows:
+      ax_acc.plot([r["step"] for r in eval_rows], [r["accuracy"] for r in eval_rows], "o-",
+                  label="held-out")
+      ax_loss.plot([r["step"] for r in eval_rows], [r["loss"] for r in eval_rows], "o-",
+                   label="held-out")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+      ax.grid(alpha=0.3)
+      ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(storage.path(self.workdir) / "plots" / "history.png", buffer.getvalue())
+
+
+def classification_report(labels: np.ndarray, preds: np.ndarray, class_names: list[str]):
+  """scikit-learn's report as (text, dict): per-class precision, recall, F1, support."""
+  kwargs = dict(labels=list(range(len(class_names))), target_names=class_names,
+                zero_division=0, digits=4)
+  text = sk_metrics.classification_report(labels, preds, **kwargs)
+  as_dict = sk_metrics.classification_report(labels, preds, output_dict=True, **kwargs)
+  return text, as_dict
+
+
+def fingerprint(params) -> str:
+  """sha256 over every parameter's path, dtype, shape and bytes (process-independent)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    host = np.asarray(leaf.addressable_data(0)) if isinstance(leaf, jax.Array) else np.asarray(leaf)
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{host.dtype}{host.shape}".encode())
+    digest.update(np.ascontiguousarray(host).tobytes())
+  return digest.hexdigest()

@@ -1,0 +1,114 @@
+"""run.json (what ran, where, and every (re)start), the default workdir, and progress output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from trainer import storage
+
+
+def _utc(ts: float | None = None) -> str:
+  moment = datetime.datetime.fromtimestamp(ts, datetime.timezone.utc) if ts else (
+      datetime.datetime.now(datetime.timezone.utc))
+  return moment.isoformat(timespec="seconds")
+
+
+def default_workdir(name: str) -> str:
+  """runs/<name>-<UTC timestamp>, with process 0's clock on every process."""
+  now = int(datetime.datetime.now(datetime.timezone.utc).timestamp())
+  if jax.process_count() > 1:
+    now = int(multihost_utils.broadcast_one_to_all(np.int64(now)))
+  stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  return os.path.join("runs", f"{name}-{stamp}")
+
+
+def git_commit() -> str | None:
+  """The commit of the trainer's source checkout, when it is one."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                         text=True, timeout=5, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
+  return {"python": sys.version.split()[0], "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "orbax-checkpoint": orbax.checkpoint.__version__}
+
+
+class RunRecord:
+  """run.json: the resolved config and environment, plus one entry per (re)start."""
+
+  def __init__(self, workdir: str | None, config, strategy, start_step: int):
+    self._path = storage.path(workdir) / "run.json" if workdir else None
+    if self._path is None:
+      return
+    previous = storage.read_json(self._path) if self._path.exists() else {}
+    starts = previous.get("starts", [])
+    if starts and "exit" not in starts[-1]:
+      starts[-1]["exit"] = {"code": None, "reason": "killed or crashed (no exit recorded)"}
+    starts.append({"time": _utc(), "resumed_from_step": start_step})
+    devices = jax.devices()
+    self.record = {
+        "config": json.loads(config.to_json_best_effort()),
+        "argv": sys.argv,
+        "workdir": str(workdir),
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "devices": {"platform": devices[0].platform, "kind": devices[0].device_kind,
+                    "count": len(devices), "local_count": jax.local_device_count()},
+        "num_processes": jax.process_count(),
+        "strategy": strategy.name,
+        "starts": starts,
+    }
+    storage.write_json(self._path, self.record)
+
+  def finish(self, code: int, reason: str) -> None:
+    if self._path is None:
+      return
+    self.record["starts"][-1]["exit"] = {"code": code, "reason": reason, "time": _utc()}
+    storage.write_json(self._path, self.record)
+
+
+def is_tty() -> bool:
+  return sys.stderr.isatty()
+
+
+class _NoProgress:
+
+  def update(self, n: int) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+  """A tqdm bar with ETA on a terminal; nothing otherwise (log lines are printed instead)."""
+  if not (enabled and is_tty()):
+    return _NoProgress()
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def format_row(row: dict, total: int) -> str:
+  parts = [f"step {row['step']}/{total}", f"loss {row['loss']:.4f}",
+           f"accuracy {row['accuracy']:.4f}"]
+  if row.get("examples_per_s"):
+    parts.append(f"{row['examples_per_s']:.0f} examples/s")
+  return " ".join(parts)
