@@ -27,13 +27,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = _Parser(prog="python -m launch", description=__doc__.splitlines()[0])
   subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   for module_name in _SUBCOMMANDS.values():
-    try:
-      module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-      if e.name != module_name:
-        raise
-      continue
-    module.add_parser(subparsers)
+    importlib.import_module(module_name).add_parser(subparsers)
   args = parser.parse_args(argv)
   try:
     return args.func(args)

@@ -16,6 +16,7 @@ from trainer import data
 from trainer import models
 from trainer import report
 from trainer import train
+from trainer.errors import UserError
 
 
 def _step_fn(config, num_classes=3, num_features=5):
@@ -110,7 +111,9 @@ def test_resume_is_bit_identical(tmp_path):
   part = tmp_path / "part"
   first = train.train_and_evaluate(cfg(40), str(part))
   assert first["params_sha256"] != full["params_sha256"]
-  resumed = train.train_and_evaluate(cfg(60), str(part))
+  with pytest.raises(UserError, match="train.steps: 40 -> 60"):
+    train.train_and_evaluate(cfg(60), str(part))
+  resumed = train.train_and_evaluate(cfg(60), str(part), allow_config_change=True)
   assert resumed["resumed_from_step"] == 40
   assert resumed["params_sha256"] == full["params_sha256"]
   run = json.loads((part / "run.json").read_text())

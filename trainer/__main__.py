@@ -38,7 +38,10 @@ def _define_flags():
   workdir = flags.DEFINE_string(
       "workdir", None, "Run directory, local or gs://. Default: runs/<config>-<UTC time>."
       " A workdir holding a committed checkpoint resumes.")
-  return config, workdir
+  allow = flags.DEFINE_bool(
+      "allow_config_change", False, "Resume a workdir whose recorded config differs in"
+      " fields that change the result (e.g. more steps).")
+  return config, workdir, allow
 
 
 def _parse_flags(argv):
@@ -48,7 +51,7 @@ def _parse_flags(argv):
     _bad_flags(e)
 
 
-def main(argv, config_flag, workdir_flag):
+def main(argv, config_flag, workdir_flag, allow_flag):
   if len(argv) > 1:
     print(f"error: unexpected positional arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
@@ -61,7 +64,7 @@ def main(argv, config_flag, workdir_flag):
     _bad_flags(e)
   from trainer import train  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(config, workdir_flag.value)
+    train.train_and_evaluate(config, workdir_flag.value, allow_flag.value)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
@@ -71,5 +74,5 @@ def main(argv, config_flag, workdir_flag):
 
 
 if __name__ == "__main__":
-  _config_flag, _workdir_flag = _define_flags()
-  app.run(lambda argv: main(argv, _config_flag, _workdir_flag), flags_parser=_parse_flags)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, *_flags), flags_parser=_parse_flags)

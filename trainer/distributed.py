@@ -98,3 +98,34 @@ def initialize(config) -> ProcessEnv:
   elif on_cloud_tpu_vm():
     jax.distributed.initialize(**timeouts)
   return env
+
+
+def check_agreement(config_json: str) -> None:
+  """Every process must run the same jax/jaxlib, device count and config.
+
+  Compared once at start-up with one all-gather, so a mismatched process is an exit-2
+  error naming it instead of a hang or a silent divergence later.
+
+  Raises:
+    UserError: naming each process that differs from process 0, and in what.
+  """
+  if jax.process_count() == 1:
+    return
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  items = {"jax version": jax.__version__, "jaxlib version": jaxlib.__version__,
+           "local device count": str(jax.local_device_count()), "config": config_json}
+  mine = np.array([int(hashlib.sha256(v.encode()).hexdigest()[:7], 16)
+                   for v in items.values()], np.int32)
+  table = np.asarray(multihost_utils.process_allgather(mine))
+  odd = []
+  for rank in range(1, table.shape[0]):
+    fields = [name for name, a, b in zip(items, table[rank], table[0]) if a != b]
+    if fields:
+      odd.append(f"process {rank} ({', '.join(fields)})")
+  if odd:
+    raise UserError(f"processes disagree with process 0: {'; '.join(odd)}; every process"
+                    " must run the same image and config")

@@ -13,6 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from trainer import storage
+from trainer.errors import UserError
 
 
 def _utc(ts: float | None = None) -> str:
@@ -112,3 +113,40 @@ def format_row(row: dict, total: int) -> str:
   if row.get("examples_per_s"):
     parts.append(f"{row['examples_per_s']:.0f} examples/s")
   return " ".join(parts)
+
+
+# Fields that may change between a run and its resumption: they change when and what is
+# logged or saved, not the computed parameters.
+_RESUMABLE_CHANGES = ("name", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                      "train.keep_checkpoints", "train.watchdog_timeout",
+                      "parallel.strategy", "distributed.")
+
+
+def check_resume_config(workdir: str, config, allow_change: bool) -> None:
+  """Refuses to resume a workdir whose recorded config differs in what it computes.
+
+  Raises:
+    UserError: listing the differing fields, unless `allow_change`.
+  """
+  path = storage.path(workdir) / "run.json"
+  if allow_change or not path.exists():
+    return
+  recorded = _flatten(storage.read_json(path).get("config", {}))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in set(recorded) | set(current)
+                   if recorded.get(k) != current.get(k)
+                   and not k.startswith(_RESUMABLE_CHANGES))
+  if changed:
+    shown = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+    raise UserError(f"{workdir} holds a run with a different config ({shown}); use a new"
+                    " --workdir, or pass --allow_config_change to resume it anyway")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out

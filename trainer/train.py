@@ -26,12 +26,14 @@ import optax
 from trainer import checkpoint
 from trainer import data
 from trainer import distributed
+from trainer import faults
 from trainer import models
 from trainer import parallel
 from trainer import preemption
 from trainer import report
 from trainer import runinfo
 from trainer import storage
+from trainer import watchdog
 from trainer.errors import Diverged, Preempted, UserError
 
 log = logging.getLogger(__name__)
@@ -132,10 +134,29 @@ def _validate(config) -> None:
                     " expected stop or skip")
 
 
-def train_and_evaluate(config, workdir: str | None) -> dict:
-  """Trains and evaluates the model the config describes; returns summary.json's dict."""
+def train_and_evaluate(config, workdir: str | None, allow_config_change: bool = False) -> dict:
+  """Trains and evaluates the model the config describes; returns summary.json's dict.
+
+  Args:
+    config: the run's ml_collections config (schema: `trainer/configs/base.py`).
+    workdir: local path or gs:// URL; None picks runs/<config.name>-<UTC time>.
+    allow_config_change: resume a workdir whose recorded config differs in fields that
+      change the computed parameters (e.g. more steps).
+
+  Raises:
+    UserError: bad config or data (nothing written); Preempted: SIGTERM, checkpoint
+    committed; Diverged: non-finite loss or gradient under the `stop` policy.
+  """
   start_time = time.time()
   distributed.initialize(config)
+  watcher = preemption.Watcher()  # Early, so a SIGTERM during set-up is not lost.
+  try:
+    return _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time)
+  finally:
+    watcher.close()
+
+
+def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time) -> dict:
   _validate(config)
   dataset = data.load(config)
   strategy = parallel.create(config.parallel.strategy)
@@ -143,6 +164,8 @@ def train_and_evaluate(config, workdir: str | None) -> dict:
   model = models.create(config, dataset.num_classes)
   tx, schedule = make_optimizer(config)
   workdir = storage.absolute(workdir or runinfo.default_workdir(config.name))
+  distributed.check_agreement(config.to_json_best_effort())
+  runinfo.check_resume_config(workdir, config, allow_config_change)
   l2 = float(config.optimizer.weight_decay) if config.optimizer.name != "adamw" else 0.0
 
   # Nothing has been written so far: every bad-input error above leaves no trace.
@@ -163,11 +186,12 @@ def train_and_evaluate(config, workdir: str | None) -> dict:
   try:
     step_fn = strategy.compile_step(functools.partial(
         train_step, apply_fn=model.apply, tx=tx, schedule=schedule, l2=l2))
-    state = loop.run(step_fn, strategy.to_device(state), start_step)
+    state = loop.run(step_fn, strategy.to_device(state), start_step, watcher)
   except BaseException as e:
     run.finish(getattr(e, "exit_code", 1), f"{type(e).__name__}: {e}")
     raise
   finally:
+    loop.watchdog.close()
     ckpt.close()
     reporter.close()
 
@@ -223,21 +247,23 @@ class _Loop:
     self._timed_seconds = 0.0
     self._last_time = None
     self._window = (0, 0.0)  # (steps, seconds) since the last logged row
+    self.watchdog = watchdog.Watchdog(config.train.watchdog_timeout)
+    self.faults = faults.Faults()
 
   def _batch(self, step: int):
     cfg, ds = self.config, self.dataset
     idx = data.process_batch_indices(cfg.seed, step, cfg.train.batch_size, len(ds.train_y),
                                      jax.process_index(), jax.process_count())
-    local = {"x": ds.train_x[idx], "y": ds.train_y[idx]}
+    local = {"x": self.faults.corrupt(step, ds.train_x[idx]), "y": ds.train_y[idx]}
     return self.strategy.batch(local, cfg.train.batch_size)
 
-  def run(self, step_fn, state, start_step: int):
+  def run(self, step_fn, state, start_step: int, watcher: preemption.Watcher):
     cfg = self.config.train
     self.start_step = start_step
-    watcher = preemption.Watcher()
     progress = runinfo.progress_bar(cfg.steps, start_step, enabled=self.reporter.active)
     pending = None
     for step in range(start_step, cfg.steps):
+      self.faults.maybe_hang(jax.process_index(), step)
       state, metrics = step_fn(state, self._batch(step))
       if pending is not None:
         self._after_step(*pending)
@@ -257,13 +283,14 @@ class _Loop:
         raise Preempted(f"preempted: checkpoint committed at step {done}")
       if done % cfg.eval_every == 0 and done != cfg.steps:
         self._eval(canonical, done)
+      self.watchdog.beat(done)  # Saves and evals are progress too.
     progress.close()
-    watcher.close()
     return self.strategy.to_canonical(state)
 
   def _after_step(self, done: int, metrics) -> None:
     """Reads one step's metrics (one step late), applies the non-finite policy, logs."""
     values = self.strategy.read_metrics(metrics)
+    self.watchdog.beat(done)
     now = time.perf_counter()
     if self._last_time is not None:  # The first step's time is mostly compilation.
       self._timed_steps += 1

@@ -48,6 +48,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 2  # committed steps kept on disk
   config.train.nonfinite_policy = "stop"  # stop: exit 3 | skip: drop the update, go on
   config.train.max_consecutive_skips = 10  # skip policy: exit 3 after this many in a row
+  config.train.watchdog_timeout = 600  # abort (exit 134) when no step ends for this long; 0 = off
 
   config.parallel = ml_collections.ConfigDict()
   config.parallel.strategy = "sharding"  # sharding (jit + NamedSharding) | pmap (lax.pmean)

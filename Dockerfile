@@ -1,0 +1,67 @@
+# syntax=docker/dockerfile:1
+# The jaxjob trainer image: `docker build --build-arg ACCELERATOR=cuda12 -t IMAGE .` (or cpu, tpu).
+# Its entrypoint is the trainer, so `docker run IMAGE --config=...` and the Kubernetes manifests
+# under k8s/ pass trainer flags only.
+#
+# Stage `deps` installs the dependencies that pyproject.toml declares for the accelerator into a
+# virtualenv, from pyproject.toml alone, so editing the source never rebuilds that layer. Stage
+# `runtime` copies the virtualenv and the trainer source and runs as the numeric user 10001.
+# No secret enters a layer: no credential ARG/ENV, nothing but pyproject.toml and trainer/ is copied
+# (.dockerignore keeps the rest of the context out); on GKE the pod gets its identity from Workload
+# Identity at run time.
+#
+# Base image: pinned by digest. Docker's `python:3.11-slim-bookworm` tag moves with every Python
+# patch release and Debian update, so refresh the digest on purpose (and both FROM lines together):
+#   docker buildx imagetools inspect python:3.11-slim-bookworm
+# The digest below is the one a public project reported on 2026-08-24 after re-checking the
+# registry manifest; it could not be pulled from the machine this file was written on (no Docker
+# engine there), so the first build is also its check.
+# JAX wheels carry their own CUDA libraries (jax[cuda12]) and libtpu (jax[tpu]); the GKE node
+# supplies the GPU driver, so the same slim base serves all three accelerators.
+
+FROM python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91 \
+    AS deps
+ARG ACCELERATOR=cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /build
+COPY pyproject.toml ./
+# The install step (tests/test_dockerfile.py runs this exact command in a fresh virtualenv):
+# requirements.txt = [project].dependencies + the ACCELERATOR extra (cpu: none), then pip check.
+RUN python -c 'import sys, tomllib; accelerator = sys.argv[1]; \
+        project = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+        extras = {"cpu": [], "cuda12": project["optional-dependencies"]["cuda12"], \
+                  "tpu": project["optional-dependencies"]["tpu"]}; \
+        accelerator in extras or sys.exit( \
+            f"ACCELERATOR={accelerator!r}: expected one of {sorted(extras)}"); \
+        print(*project["dependencies"], *extras[accelerator], sep="\n")' \
+        "${ACCELERATOR}" > requirements.txt \
+    && pip install --no-cache-dir --requirement requirements.txt \
+    && pip check
+
+FROM python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91 \
+    AS runtime
+ARG ACCELERATOR=cpu
+LABEL org.opencontainers.image.title="jaxjob trainer" \
+      org.opencontainers.image.description="python -m trainer (accelerator extra: ${ACCELERATOR})" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --gid 10001 jaxjob \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp \
+        --shell /usr/sbin/nologin jaxjob
+COPY --from=deps /opt/venv /opt/venv
+# HOME and the caches point at /tmp: the pods run with a read-only root and an emptyDir there.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/app \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    XDG_CACHE_HOME=/tmp/.cache \
+    JAXJOB_ACCELERATOR=${ACCELERATOR}
+WORKDIR /app
+COPY trainer/ /app/trainer/
+USER 10001:10001
+ENTRYPOINT ["python", "-m", "trainer"]
