@@ -7,12 +7,18 @@ stderr, nothing written); 42 preempted after a committed checkpoint; 3 diverged;
 import os
 import sys
 
+from trainer import preemption
+
+preemption.install_early_handler()  # Before the slow imports: a SIGTERM now is not lost.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from trainer import errors
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 

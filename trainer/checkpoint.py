@@ -41,8 +41,10 @@ class Checkpointer:
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
       except Exception as e:  # pylint: disable=broad-except
-        log.warning("checkpoint step %d is unreadable, trying an older one: %s", step,
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning("checkpoint step %d is unreadable, deleting it and trying an older one:"
+                    " %s", step, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        # Deleted so that the step can be saved again when training reaches it.
+        self._manager.delete(step)
         continue
       return state, step
     return None, 0
@@ -71,12 +73,15 @@ def abstract(state):
 def load_latest(directory):
   """(step, state as a nested dict of host arrays) of the newest committed checkpoint.
 
-  For tools that only read a finished run (prediction, tests); training restores
-  through `Checkpointer.restore_latest` with a typed target instead.
+  For tools that read a finished run (prediction, tests) in a process of any topology:
+  every leaf is restored whole onto this process's first device, whatever mesh saved it.
   """
-  with ocp.CheckpointManager(directory) as manager:
+  with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as manager:
     step = manager.latest_step()
     if step is None:
       return None, None
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-  return step, jax.tree.map(lambda x: jax.device_get(x), restored)
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                          manager.item_metadata(step))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  return step, jax.device_get(restored)

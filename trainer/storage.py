@@ -14,6 +14,8 @@ from typing import Any
 
 from etils import epath
 
+from trainer.errors import UserError
+
 
 def path(p: str | os.PathLike) -> epath.Path:
   return epath.Path(p)
@@ -26,6 +28,20 @@ def is_remote(p: str | os.PathLike) -> bool:
 def absolute(p: str | os.PathLike) -> str:
   """`p` as an absolute path (Orbax requires one); URLs are returned unchanged."""
   return str(p) if is_remote(p) else os.path.abspath(p)
+
+
+def check_writable(workdir: str) -> None:
+  """Writes and deletes a probe object under `workdir`, before any real artefact.
+
+  Raises:
+    UserError: naming the workdir when it cannot be written.
+  """
+  probe = path(workdir) / f".jaxjob-write-probe-{uuid.uuid4().hex[:8]}"
+  try:
+    write_bytes(probe, b"ok")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"--workdir={workdir}: not writable ({e.strerror or e})") from None
 
 
 def write_bytes(p: str | os.PathLike, data: bytes) -> None:

@@ -149,7 +149,9 @@ def train_and_evaluate(config, workdir: str | None, allow_config_change: bool = 
   """
   start_time = time.time()
   distributed.initialize(config)
-  watcher = preemption.Watcher()  # Early, so a SIGTERM during set-up is not lost.
+  if jax.process_count() > 1 and preemption.requested_before_start():
+    raise Preempted("preempted during start-up, before any step: nothing new to save")
+  watcher = preemption.Watcher()
   try:
     return _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time)
   finally:
@@ -166,6 +168,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_tim
   workdir = storage.absolute(workdir or runinfo.default_workdir(config.name))
   distributed.check_agreement(config.to_json_best_effort())
   runinfo.check_resume_config(workdir, config, allow_config_change)
+  storage.check_writable(workdir)
   l2 = float(config.optimizer.weight_decay) if config.optimizer.name != "adamw" else 0.0
 
   # Nothing has been written so far: every bad-input error above leaves no trace.
@@ -326,6 +329,7 @@ class _Loop:
                      f" the last at step {done}")
 
   def _eval(self, state, done: int) -> None:
+    self.faults.maybe_slow_eval()
     metrics, _ = evaluate(self.strategy, self._apply_fn, state.params, self.dataset.test_x,
                           self.dataset.test_y)
     self.eval_rows.append({"step": done, **metrics})
