@@ -1,15 +1,23 @@
 """Mesh and shardings: the only module that decides where arrays live.
 
-Two data-parallel strategies with the same interface and the same results:
+The mesh is 2-D, `data` x `fsdp` (sizes from `config.parallel`, -1 = the rest of the
+devices). Every batch is split over both axes (each device gets its own examples). The
+train state (parameters and optimiser state) follows one rule, `state_spec` below: an
+array with a dimension divisible by the `fsdp` size is split along its largest such
+dimension over `fsdp`, anything else is replicated. With `fsdp=1` (the default) that is
+plain data parallelism: a replicated state and one gradient all-reduce that XLA inserts.
+With `fsdp>1` XLA gathers each layer's parameters where they are used and reduce-scatters
+the gradients (ZeRO-3 style), so the state takes 1/fsdp of the memory per device.
 
-* `sharding` (default): `jax.jit` over a 1-D `data` mesh of every device of every
-  process; parameters and optimiser state are replicated (`P()`), batches are split
-  along `data` (`P('data')`), and XLA inserts the gradient all-reduce.
+Two strategies share this interface and give the same results:
+
+* `sharding` (default): `jax.jit` with the shardings above.
 * `pmap`: `jax.pmap` over this process's devices with an explicit `lax.pmean` of the
-  gradients (in `train.train_step`), kept for comparison and for older code.
+  gradients (in `train.train_step`); data parallel only (`fsdp=1`).
 
-The "canonical" state is the `sharding` layout: a replicated global `jax.Array` per leaf.
-Checkpoints, evaluation and fingerprints always use it, so both strategies share them.
+The "canonical" state is the `sharding` layout (global `jax.Array`s with the rule's
+shardings). Checkpoints, evaluation and fingerprints use it, so both strategies share
+them, and a checkpoint restores onto any other mesh shape.
 """
 
 from __future__ import annotations
@@ -25,19 +33,53 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from trainer.errors import UserError
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """Resolves -1 in (data, fsdp) and checks the product. Raises UserError."""
+  sizes = [int(data), int(fsdp)]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"config.parallel.data={data}, fsdp={fsdp}: expected positive sizes,"
+                    " at most one of them -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if num_devices % known:
+    raise UserError(f"config.parallel.data x fsdp = {data} x {fsdp} does not divide the"
+                    f" {num_devices} devices")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise UserError(f"config.parallel.data x fsdp = {sizes[0]} x {sizes[1]} must equal the"
+                    f" {num_devices} devices")
+  return sizes[0], sizes[1]
+
+
+def state_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  """The sharding rule for every leaf of the train state (params and optimiser state)."""
+  if fsdp == 1:
+    return P()
+  candidates = [d for d in range(len(shape)) if shape[d] % fsdp == 0 and shape[d] >= fsdp]
+  if not candidates:
+    return P()
+  dim = max(candidates, key=lambda d: (shape[d], -d))
+  return P(*[FSDP_AXIS if d == dim else None for d in range(len(shape))])
 
 
 class DataParallel:
-  """jit + NamedSharding over a `data` axis spanning all devices."""
+  """jit + NamedSharding over the (`data`, `fsdp`) mesh."""
 
   name = "sharding"
 
-  def __init__(self):
-    # jax.devices() is ordered by process, so process p's devices hold the p-th
-    # contiguous block of every batch: the block its data loader reads.
-    self.mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+  def __init__(self, data: int = -1, fsdp: int = 1):
+    data, fsdp = mesh_shape(data, fsdp, jax.device_count())
+    # jax.devices() is ordered by process and the fsdp axis is the inner one, so the
+    # batch rows of process p are its devices' contiguous block: the block its data
+    # loader reads.
+    self.mesh = Mesh(np.asarray(jax.devices()).reshape(data, fsdp), BATCH_AXES)
+    self.fsdp = fsdp
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self.state_shardings = None  # set by init_state
 
   @property
   def num_devices(self) -> int:
@@ -49,19 +91,24 @@ class DataParallel:
                       f" ({self.num_devices} = {jax.process_count()} process(es) x"
                       f" {jax.local_device_count()} device(s))")
 
+  def shardings_for(self, abstract_tree):
+    return jax.tree.map(lambda x: NamedSharding(self.mesh, state_spec(x.shape, self.fsdp)),
+                        abstract_tree)
+
   def init_state(self, init_fn, *args):
-    """Runs `init_fn(*args)` with its outputs created replicated on the mesh."""
-    return jax.jit(init_fn, out_shardings=self.replicated)(*args)
+    """Runs `init_fn(*args)` with its outputs created already sharded by the rule."""
+    self.state_shardings = self.shardings_for(jax.eval_shape(init_fn, *args))
+    return jax.jit(init_fn, out_shardings=self.state_shardings)(*args)
 
   def batch(self, local: dict[str, np.ndarray], global_size: int) -> dict[str, jax.Array]:
-    """Assembles per-process slices into global arrays split along `data`."""
+    """Assembles per-process slices into global arrays split over every device."""
     return {k: jax.make_array_from_process_local_data(
         self.batch_sharding, v, (global_size,) + v.shape[1:]) for k, v in local.items()}
 
   def compile_step(self, step_fn):
     # Donating the state lets XLA update parameters in place.
-    return jax.jit(step_fn, in_shardings=(self.replicated, self.batch_sharding),
-                   out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
   def to_device(self, state):
     return state
@@ -95,8 +142,8 @@ class DataParallel:
 
   @functools.lru_cache(maxsize=4)
   def _compiled_apply(self, apply_fn):
-    return jax.jit(apply_fn, in_shardings=(self.replicated, self.batch_sharding),
-                   out_shardings=self.batch_sharding)
+    # Input shardings come from the (committed) arguments: the state's, whatever they are.
+    return jax.jit(apply_fn, out_shardings=self.batch_sharding)
 
 
 class Pmap(DataParallel):
@@ -104,13 +151,19 @@ class Pmap(DataParallel):
 
   name = "pmap"
 
+  def __init__(self, data: int = -1, fsdp: int = 1):
+    super().__init__(data, fsdp)
+    if self.fsdp != 1:
+      raise UserError("config.parallel.strategy=pmap is data parallel only: expected"
+                      f" config.parallel.fsdp=1, got {fsdp}")
+
   def batch(self, local, global_size):
     n = jax.local_device_count()
     return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in local.items()}
 
   def compile_step(self, step_fn):
-    return jax.pmap(functools.partial(step_fn, axis_name=DATA_AXIS), axis_name=DATA_AXIS,
-                    donate_argnums=0)
+    return jax.pmap(functools.partial(step_fn, axis_name=BATCH_AXES[0]),
+                    axis_name=BATCH_AXES[0], donate_argnums=0)
 
   def to_device(self, state):
     n = jax.local_device_count()
@@ -131,9 +184,11 @@ class Pmap(DataParallel):
     return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
 
 
-def create(strategy: str) -> DataParallel:
+def create(config) -> DataParallel:
+  """The strategy `config.parallel` names, over every device of every process."""
+  strategy, data, fsdp = config.parallel.strategy, config.parallel.data, config.parallel.fsdp
   if strategy == "sharding":
-    return DataParallel()
+    return DataParallel(data, fsdp)
   if strategy == "pmap":
-    return Pmap()
+    return Pmap(data, fsdp)
   raise UserError(f"config.parallel.strategy={strategy!r}: expected sharding or pmap")

@@ -30,6 +30,7 @@ class Reporter:
     self.workdir = workdir
     self.rows: list[dict] = []
     self._tb = None
+    self._tb_uploaded: dict[str, int] = {}  # event file -> size already copied to gs://
     if workdir is None:
       return
     metrics_path = storage.path(workdir) / "metrics.jsonl"
@@ -63,9 +64,18 @@ class Reporter:
     if self._tb is not None:
       self._tb.flush()
       if storage.is_remote(self.workdir):
-        for name in os.listdir(self._tb_local):
-          with open(os.path.join(self._tb_local, name), "rb") as f:
-            storage.write_bytes(storage.path(self.workdir) / "tensorboard" / name, f.read())
+        self._copy_tensorboard()
+
+  def _copy_tensorboard(self) -> None:
+    """Uploads each local event file that grew since the last flush (whole, atomically)."""
+    for name in sorted(os.listdir(self._tb_local)):
+      local = os.path.join(self._tb_local, name)  # a local temp file, never the workdir
+      if os.path.getsize(local) == self._tb_uploaded.get(name):
+        continue
+      with open(local, "rb") as f:
+        data = f.read()
+      storage.write_bytes(storage.path(self.workdir) / "tensorboard" / name, data)
+      self._tb_uploaded[name] = len(data)
 
   def close(self) -> None:
     self.flush()
@@ -122,11 +132,21 @@ def classification_report(labels: np.ndarray, preds: np.ndarray, class_names: li
   return text, as_dict
 
 
+def _whole(leaf) -> np.ndarray:
+  """The full value of a (possibly sharded, possibly multi-process) array, on the host."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    if leaf.sharding.is_fully_replicated:
+      return np.asarray(leaf.addressable_data(0))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+  return np.asarray(leaf)
+
+
 def fingerprint(params) -> str:
   """sha256 over every parameter's path, dtype, shape and bytes (process-independent)."""
   digest = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    host = np.asarray(leaf.addressable_data(0)) if isinstance(leaf, jax.Array) else np.asarray(leaf)
+    host = _whole(leaf)
     digest.update(jax.tree_util.keystr(path).encode())
     digest.update(f"{host.dtype}{host.shape}".encode())
     digest.update(np.ascontiguousarray(host).tobytes())

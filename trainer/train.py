@@ -30,6 +30,7 @@ from trainer import faults
 from trainer import models
 from trainer import parallel
 from trainer import preemption
+from trainer import profiling
 from trainer import report
 from trainer import runinfo
 from trainer import storage
@@ -44,6 +45,7 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   rng: jax.Array
+  ema_params: Any = None  # exponential moving average of params; None when off
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -71,37 +73,72 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     tx = optax.adamw(schedule, weight_decay=float(opt.weight_decay))
   else:
     raise UserError(f"config.optimizer.name={opt.name!r}: expected sgd, adam or adamw")
+  clip = float(opt.grad_clip_norm)
+  if clip < 0:
+    raise UserError(f"config.optimizer.grad_clip_norm={clip}: expected >= 0 (0 = off)")
+  if clip:
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx, schedule
 
 
-def create_train_state(rng, *, model, tx, num_features: int) -> TrainState:
+def create_train_state(rng, *, model, tx, example_x=None, num_features: int | None = None,
+                       ema: bool = False) -> TrainState:
+  """A fresh state, the model initialised on an example input (only its shape matters).
+
+  Args:
+    rng: the PRNG key; split into the init key and the state's key.
+    model: the flax module; tx: the optax optimiser.
+    example_x: a batch of inputs, e.g. `dataset.train_x[:1]` (float features, or int32
+      tokens for a language model).
+    num_features: instead of `example_x`: a float32 `[1, num_features]` zero input.
+    ema: keep an exponential moving average of the parameters.
+  """
   init_rng, state_rng = jax.random.split(rng)
-  params = model.init(init_rng, jnp.zeros((1, num_features), jnp.float32))["params"]
+  if example_x is None:
+    example_x = jnp.zeros((1, num_features), jnp.float32)
+  params = model.init(init_rng, jnp.asarray(example_x))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=state_rng)
+                    rng=state_rng, ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def train_step(state: TrainState, batch, *, apply_fn, tx, schedule, l2: float,
-               axis_name: str | None = None):
+               accum_steps: int = 1, ema_decay: float = 0.0, axis_name: str | None = None):
   """One optimiser step. Pure: no logging, no host transfers, no value-dependent branches.
 
-  A non-finite loss or gradient leaves params and optimiser state unchanged (a select,
-  not a multiply: 0 * NaN is NaN) and reports `finite = 0`; the host decides whether
-  that stops the run. Under `pmap`, gradients and metrics are averaged with one
-  `lax.pmean` over `axis_name`; under `jit` the sharding makes XLA do the same.
+  With `accum_steps = k > 1` the batch is cut into k equal micro-batches whose gradients
+  are averaged in a `lax.scan` (the same update as the whole batch at once, with 1/k of
+  the activation memory). A non-finite loss or gradient leaves params, optimiser state
+  and EMA unchanged (a select, not a multiply: 0 * NaN is NaN) and reports `finite = 0`;
+  the host decides whether that stops the run. Under `pmap`, gradients and metrics are
+  averaged with one `lax.pmean` over `axis_name`; under `jit` the sharding makes XLA do
+  the same.
   """
 
-  def loss_fn(params):
-    logits = apply_fn({"params": params}, batch["x"])
-    loss = models.loss_per_example(logits, batch["y"]).mean()
+  def loss_fn(params, micro):
+    logits = apply_fn({"params": params}, micro["x"])
+    loss = models.loss_per_example(logits, micro["y"]).mean()
     if l2:
       kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(params)
                  if jax.tree_util.keystr(path).endswith("['kernel']")]
       loss = loss + 0.5 * l2 * sum(jnp.sum(k * k) for k in kernels)
-    accuracy = jnp.mean(models.predictions(logits) == batch["y"])
+    accuracy = jnp.mean(models.predictions(logits) == micro["y"])
     return loss, accuracy
 
-  (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, accuracy), grads = grad_fn(state.params, batch)
+  else:
+    # Micro-batch j holds rows j, j + k, j + 2k, ...: every device keeps its own rows.
+    micro = jax.tree.map(lambda a: a.reshape((-1, accum_steps) + a.shape[1:]).swapaxes(0, 1),
+                         batch)
+
+    def accumulate(carry, one):
+      (l, acc), g = grad_fn(state.params, one)
+      return jax.tree.map(jnp.add, carry, (l, acc, g)), None
+
+    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+    totals, _ = jax.lax.scan(accumulate, zeros, micro)
+    loss, accuracy, grads = jax.tree.map(lambda t: t / accum_steps, totals)
   if axis_name is not None:
     grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
   grad_norm = optax.global_norm(grads)
@@ -109,11 +146,19 @@ def train_step(state: TrainState, batch, *, apply_fn, tx, schedule, l2: float,
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_ema = state.ema_params
+  if new_ema is not None:
+    new_ema = keep(optax.incremental_update(new_params, new_ema, 1.0 - ema_decay), new_ema)
   new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                            opt_state=keep(new_opt_state, state.opt_state))
+                            opt_state=keep(new_opt_state, state.opt_state), ema_params=new_ema)
   metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
                  learning_rate=schedule(state.step), finite=finite.astype(jnp.float32))
   return new_state, metrics
+
+
+def eval_params(state: TrainState):
+  """The parameters evaluation and prediction use: the EMA when it is kept."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def evaluate(strategy, apply_fn, params, x: np.ndarray, y: np.ndarray):
@@ -125,13 +170,18 @@ def evaluate(strategy, apply_fn, params, x: np.ndarray, y: np.ndarray):
 
 
 def _validate(config) -> None:
-  for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+  for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "grad_accum_steps"):
     value = config.train[key]
     if not isinstance(value, int) or value <= 0:
       raise UserError(f"config.train.{key}={value!r}: expected a positive integer")
   if config.train.nonfinite_policy not in ("stop", "skip"):
     raise UserError(f"config.train.nonfinite_policy={config.train.nonfinite_policy!r}:"
                     " expected stop or skip")
+  profiling.parse_steps(config.profile.steps)
+  if not 0.0 <= config.train.ema_decay < 1.0:
+    raise UserError(f"config.train.ema_decay={config.train.ema_decay}: expected 0 (off) or a"
+                    " value in (0, 1)")
 
 
 def train_and_evaluate(config, workdir: str | None, allow_config_change: bool = False) -> dict:
@@ -161,19 +211,27 @@ def train_and_evaluate(config, workdir: str | None, allow_config_change: bool = 
 def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time) -> dict:
   _validate(config)
   dataset = data.load(config)
-  strategy = parallel.create(config.parallel.strategy)
+  strategy = parallel.create(config)
   strategy.check_batch_size(config.train.batch_size)
+  accum = config.train.grad_accum_steps
+  if accum > 1:
+    if config.train.batch_size % accum:
+      raise UserError(f"config.train.batch_size={config.train.batch_size} must be a multiple of"
+                      f" config.train.grad_accum_steps={accum}")
+    strategy.check_batch_size(config.train.batch_size // accum,
+                              "config.train.batch_size / grad_accum_steps")
   model = models.create(config, dataset.num_classes)
   tx, schedule = make_optimizer(config)
   workdir = storage.absolute(workdir or runinfo.default_workdir(config.name))
   distributed.check_agreement(config.to_json_best_effort())
-  runinfo.check_resume_config(workdir, config, allow_config_change)
+  # Writability first: on a bucket without access, reading run.json would fail less clearly.
   storage.check_writable(workdir)
+  runinfo.check_resume_config(workdir, config, allow_config_change)
   l2 = float(config.optimizer.weight_decay) if config.optimizer.name != "adamw" else 0.0
 
   # Nothing has been written so far: every bad-input error above leaves no trace.
   init = functools.partial(create_train_state, model=model, tx=tx,
-                           num_features=dataset.num_features)
+                           example_x=dataset.train_x[:1], ema=config.train.ema_decay > 0)
   state = strategy.init_state(init, jax.random.PRNGKey(config.seed))
   ckpt = checkpoint.Checkpointer(storage.path(workdir) / "checkpoints",
                                  save_every=config.train.checkpoint_every,
@@ -183,12 +241,15 @@ def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_tim
   is_main = jax.process_index() == 0
   reporter = report.Reporter(workdir if is_main else None, start_step)
   run = runinfo.RunRecord(workdir if is_main else None, config, strategy, start_step)
-  reporter.write_json("data_stats.json", dataset.stats)
+  # What prediction needs besides the parameters (trainer/predict.py).
+  reporter.write_json("data_stats.json", {**dataset.stats, "features": dataset.feature_names,
+                                          "classes": dataset.class_names})
 
   loop = _Loop(config, dataset, strategy, ckpt, reporter, model.apply)
   try:
     step_fn = strategy.compile_step(functools.partial(
-        train_step, apply_fn=model.apply, tx=tx, schedule=schedule, l2=l2))
+        train_step, apply_fn=model.apply, tx=tx, schedule=schedule, l2=l2,
+        accum_steps=config.train.grad_accum_steps, ema_decay=config.train.ema_decay))
     state = loop.run(step_fn, strategy.to_device(state), start_step, watcher)
   except BaseException as e:
     run.finish(getattr(e, "exit_code", 1), f"{type(e).__name__}: {e}")
@@ -204,12 +265,59 @@ def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_tim
   return summary
 
 
-def _finish(config, dataset, strategy, model, state, reporter, loop, wall_time):
-  metrics, preds = evaluate(strategy, model.apply, state.params, dataset.test_x, dataset.test_y)
-  loop.eval_rows.append({"step": int(config.train.steps), **metrics})
+def evaluate_lm(strategy, apply_fn, params, x, y, chunk: int = 16) -> dict:
+  """Held-out next-token loss, perplexity and token accuracy of a language model.
+
+  Unlike `evaluate`, it never holds all `[n, T, vocab]` logits: each chunk of windows
+  is reduced on the devices to sums. Every process passes the same `x`, `y`.
+  """
+  def sums(params, batch):
+    logits = apply_fn({"params": params}, batch["x"])
+    w = batch["w"][:, None]
+    loss = jnp.sum(models.loss_per_example(logits, batch["y"]) * w)
+    correct = jnp.sum((models.predictions(logits) == batch["y"]) * w)
+    return loss, correct
+
+  # `params` is canonical under both strategies (input shardings come from the committed
+  # arguments), so batches use the global-array layout even under pmap, as
+  # `DataParallel.predict` does.
+  fn = jax.jit(sums, out_shardings=strategy.replicated)
+  n, total = len(x), np.zeros(2)
+  step = strategy.num_devices * -(-min(max(n, 1), chunk) // strategy.num_devices)
+  per_process = step // jax.process_count()
+  lo, hi = jax.process_index() * per_process, (jax.process_index() + 1) * per_process
+  for start in range(0, n, step):
+    rows = np.arange(start, start + step)[lo:hi]
+    real = rows < n
+    rows = np.where(real, rows, 0)
+    local = {"x": x[rows], "y": y[rows], "w": real.astype(np.float32)}
+    batch = parallel.DataParallel.batch(strategy, local, step)
+    total += np.asarray(jax.device_get(fn(params, batch)), np.float64)
+  tokens = n * x.shape[1]
+  loss = float(total[0] / tokens)
+  return {"loss": loss, "accuracy": float(total[1] / tokens),
+          "perplexity": float(np.exp(min(loss, 50.0))), "num_tokens": int(tokens)}
+
+
+def _write_eval_report(dataset, strategy, model, state, reporter) -> dict:
+  """eval/report.*: the classification report, or a language model's held-out metrics."""
+  if dataset.task == "lm":
+    metrics = evaluate_lm(strategy, model.apply, eval_params(state), dataset.test_x,
+                          dataset.test_y)
+    reporter.write_json("eval/report.json", metrics)
+    reporter.write_text("eval/report.txt", "".join(f"{k}: {v}\n" for k, v in metrics.items()))
+    return metrics
+  metrics, preds = evaluate(strategy, model.apply, eval_params(state), dataset.test_x,
+                            dataset.test_y)
   text, as_dict = report.classification_report(dataset.test_y, preds, dataset.class_names)
   reporter.write_text("eval/report.txt", text)
   reporter.write_json("eval/report.json", as_dict)
+  return metrics
+
+
+def _finish(config, dataset, strategy, model, state, reporter, loop, wall_time):
+  metrics = _write_eval_report(dataset, strategy, model, state, reporter)
+  loop.eval_rows.append({"step": int(config.train.steps), **metrics})
   reporter.write_json("eval/history.json", loop.eval_rows)
   reporter.plot_history(loop.eval_rows)
   summary = {
@@ -229,9 +337,10 @@ def _finish(config, dataset, strategy, model, state, reporter, loop, wall_time):
   }
   reporter.write_json("summary.json", summary)
   if reporter.active:
+    perplexity = f" perplexity {metrics['perplexity']:.3f}" if "perplexity" in metrics else ""
     print(f"done: step {summary['final_step']} held-out accuracy"
-          f" {metrics['accuracy']:.4f} loss {metrics['loss']:.4f} -> {reporter.workdir}",
-          flush=True)
+          f" {metrics['accuracy']:.4f} loss {metrics['loss']:.4f}{perplexity}"
+          f" -> {reporter.workdir}", flush=True)
   return summary
 
 
@@ -264,9 +373,12 @@ class _Loop:
     cfg = self.config.train
     self.start_step = start_step
     progress = runinfo.progress_bar(cfg.steps, start_step, enabled=self.reporter.active)
+    profiler = profiling.Profiler(profiling.parse_steps(self.config.profile.steps),
+                                  self.reporter.workdir)
     pending = None
     for step in range(start_step, cfg.steps):
       self.faults.maybe_hang(jax.process_index(), step)
+      profiler.before_step(step, state)
       state, metrics = step_fn(state, self._batch(step))
       if pending is not None:
         self._after_step(*pending)
@@ -288,6 +400,7 @@ class _Loop:
         self._eval(canonical, done)
       self.watchdog.beat(done)  # Saves and evals are progress too.
     progress.close()
+    profiler.close()
     return self.strategy.to_canonical(state)
 
   def _after_step(self, done: int, metrics) -> None:
@@ -330,7 +443,7 @@ class _Loop:
 
   def _eval(self, state, done: int) -> None:
     self.faults.maybe_slow_eval()
-    metrics, _ = evaluate(self.strategy, self._apply_fn, state.params, self.dataset.test_x,
+    metrics, _ = evaluate(self.strategy, self._apply_fn, eval_params(state), self.dataset.test_x,
                           self.dataset.test_y)
     self.eval_rows.append({"step": done, **metrics})
     self.reporter.write_json("eval/history.json", self.eval_rows)

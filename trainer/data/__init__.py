@@ -1,6 +1,7 @@
 """Data sources -> a train/test split held in host memory, and per-process batches.
 
-Every source (`csv`, `embedded`, `synthetic`) yields the same `Dataset`. The order of
+Every source (`csv`, `embedded`, `synthetic`, and `tokens` for language models, whose
+windows are read from a memory map on demand) yields the same `Dataset`. The order of
 training examples is a pure function of (seed, step): step `t` of a run reads positions
 `[t*B, (t+1)*B)` of an endless sequence of per-epoch permutations, so a resumed run sees
 exactly the batches an uninterrupted one would. Each process keeps only its contiguous
@@ -17,6 +18,8 @@ from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
 from trainer.data import csv_source
+from trainer.data import tfds_source
+from trainer.data import tokens
 from trainer.errors import UserError
 
 _EMBEDDED = {
@@ -29,6 +32,7 @@ _EMBEDDED = {
 
 @dataclasses.dataclass
 class Dataset:
+  """A train/test split. `lm`: x and y are `tokens.TokenWindows` ([n, T] int32 each)."""
   train_x: np.ndarray  # float32 [n_train, d], standardised when asked
   train_y: np.ndarray  # int32 [n_train], in [0, num_classes)
   test_x: np.ndarray
@@ -36,6 +40,7 @@ class Dataset:
   class_names: list[str]  # original label of each class index
   feature_names: list[str]
   stats: dict  # {"mean": [...], "std": [...]} fitted on train_x, or {} when not standardised
+  task: str = "classification"  # or "lm": next-token prediction, y = x shifted by one
 
   @property
   def num_classes(self) -> int:
@@ -62,15 +67,29 @@ def load(config) -> Dataset:
     x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
     names = [str(n) for n in getattr(bunch, "feature_names", range(x.shape[1]))]
     where = f"embedded:{config.data.name}"
+  elif source == "tfds":
+    train_x, train_y, test_x, test_y, class_names, names, stats = tfds_source.load(config)
+    return Dataset(train_x, train_y, test_x, test_y, class_names, names, stats)
+  elif source == "tokens":
+    train_x, train_y, test_x, test_y, stats = tokens.load(config)
+    return Dataset(train_x, train_y, test_x, test_y, [], [], stats, task="lm")
   elif source == "synthetic":
     x, y = _synthetic(config.seed, config.data.num_examples, config.data.num_features,
                       config.data.num_classes)
     names = [f"x{i}" for i in range(x.shape[1])]
     where = "synthetic"
   else:
-    raise UserError(f"config.data.source={source!r}: expected csv, embedded or synthetic")
+    raise UserError(f"config.data.source={source!r}: expected csv, embedded, synthetic, tfds"
+                    " or tokens")
   x, y, class_names = _select_classes(where, x, y, config.data.classes)
-  return _split(config, where, x, y, class_names, names)
+  dataset = _split(config, where, x, y, class_names, names)
+  if config.data.images:
+    if (source, config.data.name) != ("embedded", "digits"):
+      raise UserError("config.data.images=True: only the embedded digits set has an image"
+                      " form here; use config.data.source=tfds for image data sets")
+    dataset.train_x = dataset.train_x.reshape(-1, 8, 8, 1)
+    dataset.test_x = dataset.test_x.reshape(-1, 8, 8, 1)
+  return dataset
 
 
 def _split_list(value: str) -> list[str]:

@@ -22,11 +22,9 @@ def read_table(url: str, label_column: str, feature_columns: list[str]):
   """Reads a labelled CSV. Returns (features float32 [n, d], labels int64 [n], names)."""
   if not url:
     raise UserError("config.data.path is empty: expected a CSV path or gs:// URL")
-  p = storage.path(url)
-  if not p.exists():
-    raise UserError(f"{url}: file not found")
+  raw = storage.read_input(url)  # UserError when missing or not readable
   try:
-    text = p.read_bytes().decode("utf-8-sig")
+    text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
     raise UserError(f"{url}: not UTF-8 text ({e.reason} at byte {e.start})") from None
   header = _read_header(url, text)
@@ -97,3 +95,33 @@ def _numeric_column(url: str, frame: pd.DataFrame, column: str) -> np.ndarray:
     what = "empty cell" if cell == "" else f"{cell!r} is not a finite number"
     raise UserError(f"{url}: line {row + 2}, column {column!r}: {what}")
   return values
+
+
+def read_features(url: str, feature_columns: list[str], passthrough: list[str]):
+  """Reads an unlabelled CSV for prediction: exactly `feature_columns`, plus any of the
+  `passthrough` columns (e.g. an id, or a label that is ignored).
+
+  Returns (features float32 [n, d] in `feature_columns` order, {passthrough name: values}).
+
+  Raises:
+    UserError: a missing feature column, an unknown column, or a bad cell (file, line,
+    column).
+  """
+  raw = storage.read_input(url)
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{url}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  header = _read_header(url, text)
+  missing = [c for c in feature_columns if c not in header]
+  if missing:
+    raise UserError(f"{url}: missing feature column(s) {', '.join(map(repr, missing))};"
+                    f" the model was trained on {', '.join(feature_columns)}")
+  unknown = [c for c in header if c not in feature_columns and c not in passthrough]
+  if unknown:
+    raise UserError(f"{url}: unknown column(s) {', '.join(map(repr, unknown))}; expected the"
+                    f" trained features and optionally {', '.join(passthrough)}")
+  frame = _read_frame(url, text, len(header))
+  x = np.stack([_numeric_column(url, frame, c) for c in feature_columns], axis=1)
+  extra = {c: frame[c].str.strip().tolist() for c in passthrough if c in header}
+  return x.astype(np.float32), extra

@@ -1,0 +1,69 @@
+"""`python -m trainer.predict`: a vmapped single-example model over a run's checkpoint."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, tiny_config
+from trainer import models
+from trainer import predict
+from trainer import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, mobile_price_csv_path):
+  workdir = tmp_path_factory.mktemp("predict") / "run"
+  train.train_and_evaluate(tiny_config("mobile_price.py", data__path=str(mobile_price_csv_path),
+                                       data__classes="", train__steps=300,
+                                       train__eval_every=300), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def mobile_price_csv_path():
+  from tests.conftest import DATA_DIR  # pylint: disable=g-import-not-at-top
+  return DATA_DIR / "train.csv"
+
+
+def _predict(run_dir, input_path, output_path):
+  return subprocess.run([sys.executable, "-m", "trainer.predict", f"--workdir={run_dir}",
+                         f"--input={input_path}", f"--output={output_path}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_predicts_the_unlabelled_test_split(run_dir, mobile_price_csv_path, tmp_path):
+  out = tmp_path / "pred.csv"
+  proc = _predict(run_dir, mobile_price_csv_path.parent / "test.csv", out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  table = pd.read_csv(out)
+  assert list(table.columns) == ["id", "label", "p_0", "p_1", "p_2", "p_3"]
+  assert len(table) == 1000 and table["id"].tolist() == list(range(1, 1001))
+  np.testing.assert_allclose(table[["p_0", "p_1", "p_2", "p_3"]].sum(axis=1), 1.0, atol=1e-5)
+  assert set(table["label"]) <= {0, 1, 2, 3} and table["label"].nunique() == 4
+
+
+def test_vmapped_single_example_model_equals_the_batched_model(run_dir, mobile_price_csv_path):
+  config, stats, params = predict.load_run(str(run_dir))
+  raw = pd.read_csv(mobile_price_csv_path)[stats["features"]].to_numpy(np.float32)[:50]
+  probs = predict.predict(config, stats, params, raw)
+  x = (raw - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
+  model = models.create(config, 4)
+  batched = models.probabilities(model.apply({"params": params}, jnp.asarray(x)))
+  np.testing.assert_allclose(probs, np.asarray(batched), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda t: t.drop(columns=["ram"]), "missing feature column(s) 'ram'"),
+    (lambda t: t.assign(colour=1), "unknown column(s) 'colour'"),
+])
+def test_bad_columns_exit_2(run_dir, mobile_price_csv_path, tmp_path, edit, expected):
+  bad = tmp_path / "bad.csv"
+  edit(pd.read_csv(mobile_price_csv_path.parent / "test.csv")).to_csv(bad, index=False)
+  proc = _predict(run_dir, bad, tmp_path / "out.csv")
+  assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "out.csv").exists()

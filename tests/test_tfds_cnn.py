@@ -1,0 +1,65 @@
+"""TFDS source (a real data set prepared locally, and a catalogue set by name) and the CNN."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from tests.conftest import DATA_DIR, tiny_config
+from trainer import data
+from trainer import train
+from trainer.data import prepare_tfds
+from trainer.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("tfds")
+  builder = prepare_tfds.prepare("mobile_price", str(DATA_DIR), str(directory))
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 1600,
+                                                                        "test": 400}
+  return directory
+
+
+def test_prepared_mobile_price_trains_like_the_csv_source(tfds_dir, tmp_path):
+  config = tiny_config("mobile_price_tfds.py", data__data_dir=str(tfds_dir))
+  ds = data.load(config)
+  assert ds.train_x.shape == (1600, 20) and ds.test_x.shape == (400, 20)
+  assert ds.class_names == ["0", "1", "2", "3"]
+  batch = ds.train_x[data.process_batch_indices(0, 3, 64, 1600, 1, 2)]
+  assert batch.shape == (32, 20) and batch.dtype == np.float32
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["eval"]["accuracy"] > 0.93 and summary["eval"]["num_examples"] == 400
+
+
+def test_unknown_tfds_set_or_feature_is_a_user_error(tfds_dir):
+  with pytest.raises(UserError, match="cannot be read"):
+    data.load(tiny_config("mobile_price_tfds.py", data__data_dir=str(tfds_dir),
+                          data__name="no_such_set"))
+  with pytest.raises(UserError, match="has no feature 'pixels'"):
+    data.load(tiny_config("mobile_price_tfds.py", data__data_dir=str(tfds_dir),
+                          data__feature_key="pixels"))
+
+
+def test_mnist_by_name_with_the_cnn(tmp_path):
+  # No download here: TFDS's own mock_data serves random examples with MNIST's real
+  # feature spec through the same tfds.data_source path.
+  config = tiny_config("mnist_cnn.py", train__steps=10, train__batch_size=16,
+                       train__eval_every=10, train__checkpoint_every=10,
+                       optimizer__warmup_steps=2)
+  with tfds.testing.mock_data(num_examples=64):
+    ds = data.load(config)
+    assert ds.train_x.shape == (64, 28, 28, 1) and float(ds.train_x[np.arange(4)].max()) <= 1
+    summary = train.train_and_evaluate(config, str(tmp_path / "mnist"))
+  assert summary["final_step"] == 10 and summary["num_devices"] == 8
+
+
+@pytest.mark.slow
+def test_cnn_learns_the_embedded_digit_images(tmp_path):
+  config = tiny_config("digits_cnn.py", train__steps=300, train__eval_every=300,
+                       train__checkpoint_every=300)
+  summary = train.train_and_evaluate(config, str(tmp_path / "cnn"))
+  assert summary["eval"]["accuracy"] > 0.95
+  stats = json.loads((tmp_path / "cnn" / "data_stats.json").read_text())
+  assert len(stats["classes"]) == 10
