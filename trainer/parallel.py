@@ -102,6 +102,9 @@ class DataParallel:
 
   def batch(self, local: dict[str, np.ndarray], global_size: int) -> dict[str, jax.Array]:
     """Assembles per-process slices into global arrays split over every device."""
+    if jax.process_count() == 1:
+      # One transfer for the whole batch: a fraction of the per-array assembly cost.
+      return jax.device_put(local, self.batch_sharding)
     return {k: jax.make_array_from_process_local_data(
         self.batch_sharding, v, (global_size,) + v.shape[1:]) for k, v in local.items()}
 
@@ -117,7 +120,8 @@ class DataParallel:
     return state
 
   def read_metrics(self, metrics) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    # np.asarray per scalar is several times cheaper than jax.device_get of the dict.
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
   def predict(self, apply_fn, params, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Logits for every row of `x` (the same on every process), sharded over devices.
@@ -181,7 +185,7 @@ class Pmap(DataParallel):
     return jax.tree.map(first_replica, state)
 
   def read_metrics(self, metrics):
-    return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+    return {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
 
 
 def create(config) -> DataParallel:

@@ -13,14 +13,9 @@ import shutil
 import tempfile
 
 import jax
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-import numpy as np  # noqa: E402
-from sklearn import metrics as sk_metrics  # noqa: E402
-
-from trainer import storage  # noqa: E402
+from trainer import storage
 
 
 class Reporter:
@@ -103,6 +98,10 @@ class Reporter:
     if not self.active:
       return
     steps = [r["step"] for r in self.rows]
+    # matplotlib and scikit-learn load only when a report is written (~3 s of start-up).
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(steps, [r["loss"] for r in self.rows], label="train")
     ax_loss.set(xlabel="step", ylabel="loss", title="Loss history")
@@ -125,6 +124,7 @@ class Reporter:
 
 def classification_report(labels: np.ndarray, preds: np.ndarray, class_names: list[str]):
   """scikit-learn's report as (text, dict): per-class precision, recall, F1, support."""
+  from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
   kwargs = dict(labels=list(range(len(class_names))), target_names=class_names,
                 zero_division=0, digits=4)
   text = sk_metrics.classification_report(labels, preds, **kwargs)
