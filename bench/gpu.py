@@ -112,13 +112,7 @@ def _measure(job: Job, trainer: Trainer, args):
   job.bare(2)
   trainer.run(3)
   k = harness.steps_for(args.block, job.bare(3).wall / 3, lo=5, hi=200)
-  trainer.guard = "disallow"
-  try:
-    trainer.run(k)
-    caught = "none"
-  except Exception as e:  # pylint: disable=broad-except
-    caught = (str(e).splitlines() or [type(e).__name__])[0][:160]
-  trainer.guard = None
+  caught = trainer.transfers_caught(k)
   harness.COMPILES.count = 0
   times = harness.paired_rounds({"bare": lambda: job.bare(k), "bare_again": lambda: job.bare(k),
                                  "trainer": lambda: trainer.run(k)}, args.rounds)

@@ -180,6 +180,17 @@ class Trainer:
     job.step += k
     return timing
 
+  def transfers_caught(self, k: int) -> str:
+    """Runs k steps under jax.transfer_guard("disallow"); returns what it caught or "none"."""
+    self.guard = "disallow"
+    try:
+      self.run(k)
+      return "none"
+    except Exception as e:  # pylint: disable=broad-except
+      return (str(e).splitlines() or [type(e).__name__])[0][:160]
+    finally:
+      self.guard = None
+
   def close(self) -> None:
     self.loop.watchdog.close()
     self.watcher.close()

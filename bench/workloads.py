@@ -73,14 +73,7 @@ def _prepare(job: Job, runners: list[Trainer], block: float) -> int:
 
 def _hygiene(name: str, runner: Trainer, k: int) -> None:
   """Runs the trainer's loop under transfer_guard("disallow") and reports what it caught."""
-  runner.guard = "disallow"
-  try:
-    runner.run(k)
-    caught = "none"
-  except Exception as e:  # pylint: disable=broad-except
-    caught = (str(e).splitlines() or [type(e).__name__])[0][:160]
-  finally:
-    runner.guard = None
+  caught = runner.transfers_caught(k)
   emit({"bench": name, "metric": "implicit transfers (transfer_guard disallow)",
         "value": caught, "target": "none",
         "verdict": "pass" if caught == "none" else "fail"})
