@@ -13,6 +13,7 @@ YAML scalar; and the rendered Job's command and env, run as 2 local processes, t
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -27,7 +28,7 @@ import pytest
 import yaml
 
 from launch import __main__ as launch_main
-from launch import k8s
+from launch import common, k8s, k8s_render
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden" / "k8s"
@@ -48,8 +49,10 @@ INVOCATIONS = {
                    f"--workdir={BUCKET}/cpu-demo", "--", CONFIG, "--config.train.steps=200"],
     "apply-gpu": ["apply", *_GPU],
     "apply-gpu-jobset": ["apply", "--jobset", *_GPU],
+    "apply-gpu-wait": ["apply", "--jobset", "--wait", "--logs", "--delete", *_GPU],
     "apply-tpu": ["apply", *_TPU],
     "apply-tpu-jobset": ["apply", "--jobset", *_TPU],
+    "apply-tpu-multislice": ["apply", "--jobset", "--num-slices=2", *_TPU],
     "logs-gpu": ["logs", "--name=gpu-demo", "--nodes=2"],
     "logs-gpu-follow": ["logs", "--name=gpu-demo", "--nodes=2", "--follow"],
     "logs-tpu-jobset": ["logs", "--jobset", "--name=tpu-demo", "--namespace=jaxjob-tpu",
@@ -66,6 +69,7 @@ PROFILES = {
     "gpu": ["--nodes=2", "--gpus-per-node=8"],
     "tpu": ["--accelerator=tpu", "--nodes=2"],
     "tpu-privileged": ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4", "--tpu-privileged"],
+    "tpu-pod-network": ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4", "--no-host-network"],
 }
 
 
@@ -301,6 +305,238 @@ def test_inconsistent_flags_exit_2(flags, message, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# GKE pre-flight: identity, driver and platform, slice placement, resources (issue 18).
+
+
+def test_tpu_pods_on_the_host_network_say_which_identity_writes_to_gcs(capsys):
+  code, out, _ = launch(["render", "--name=demo", f"--image={REGISTRY}:v1",
+                         f"--workdir={BUCKET}/demo", "--accelerator=tpu", "--nodes=2"], capsys)
+  assert code == 0
+  head = "".join(line[2:] for line in out.splitlines(keepends=True) if line.startswith("# "))
+  assert "node pool's service account" in head and "roles/storage.objectUser" in head
+  assert "cloud-platform" in head
+  _, pod, _ = job_parts(list(yaml.safe_load_all(out)))
+  assert pod["hostNetwork"] is True
+  # Off the host network, Workload Identity applies: no note, and Pod Security "restricted".
+  code, out, _ = launch(["render", "--name=demo", f"--image={REGISTRY}:v1",
+                         f"--workdir={BUCKET}/demo", "--accelerator=tpu", "--nodes=2",
+                         "--no-host-network"], capsys)
+  assert code == 0 and not out.startswith("#")
+  _, pod, _ = job_parts(list(yaml.safe_load_all(out)))
+  assert "hostNetwork" not in pod and "dnsPolicy" not in pod and not pss_violations(pod)
+  assert [d["kind"] for d in rendered(capsys, "--nodes=2", "--gpus-per-node=8")] == [
+      "Service", "Job"]  # GPU and CPU pods: no note, the KSA is the identity.
+
+
+def _docs_commands(text: str) -> list[list[str]]:
+  """Every shell command of the fenced blocks of a Markdown page, continuation lines joined."""
+  blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+  joined = "\n".join(blocks).replace("\\\n", " ")
+  return [shlex.split(line, comments=True) for line in joined.splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_docs_tpu_node_pool_can_write_to_the_bucket():
+  commands = _docs_commands((ROOT / "docs" / "gke.md").read_text())
+  pools = [c for c in commands if c[:4] == ["gcloud", "container", "node-pools", "create"]]
+  (tpu_pool,) = [c for c in pools if any(a.startswith("--tpu-topology=") for a in c)]
+  flags = dict(a.split("=", 1) for a in tpu_pool if a.startswith("--") and "=" in a)
+  assert "cloud-platform" in flags["--scopes"].split(",")
+  account = flags["--service-account"]
+  grants = [c for c in commands if c[:4] == ["gcloud", "storage", "buckets", "add-iam-policy-binding"]
+            and f"--member=serviceAccount:{account}" in c]
+  assert grants and "--role=roles/storage.objectUser" in grants[0]
+  for pool in pools:  # Workload Identity on every pool, for the pods off the host network.
+    assert "--workload-metadata=GKE_METADATA" in pool
+
+
+def test_platform_and_driver_environment(capsys):
+  _, _, container = job_parts(rendered(capsys, "--nodes=2", "--gpus-per-node=8"))
+  env = env_of(container)
+  assert env["LD_LIBRARY_PATH"] == "/usr/local/nvidia/lib64"  # GKE's driver mount
+  assert env["JAX_PLATFORMS"] == "cuda"  # no GPU: fail at start, never train on the CPU
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in env["XLA_FLAGS"].split()
+  assert 0.5 <= float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) < 1
+  for jobset in (False, True):
+    _, _, container = job_parts(rendered(capsys, "--accelerator=tpu", "--nodes=2", jobset=jobset))
+    assert env_of(container)["JAX_PLATFORMS"] == "tpu"
+    assert "LD_LIBRARY_PATH" not in env_of(container)
+  # The CPU pod stays runnable on any machine (the container tests run it with docker).
+  _, _, container = job_parts(rendered(capsys, "--nodes=2"))
+  assert not {"JAX_PLATFORMS", "LD_LIBRARY_PATH", "XLA_FLAGS"} & set(env_of(container))
+
+
+def _placements(affinity: dict, job: str, pools: dict[str, int], placed: dict[str, list[str]],
+                pods: int) -> set[tuple[str, ...]]:
+  """Every way the scheduler may place `pods` pods of `job`, one by one, under inter-pod affinity.
+
+  `pools` gives the nodes of each pool (one TPU pod per node); `placed` the jobs of the pods
+  already running in each pool. Returns the sorted pools of this job's pods for every possible
+  order of choices ("pending" for a pod that fits nowhere).
+  """
+  def matches(term, other_job):
+    selector = term["labelSelector"]
+    if "matchLabels" in selector:
+      return selector["matchLabels"]["batch.kubernetes.io/job-name"] == other_job
+    return all(other_job not in e.get("values", []) for e in selector["matchExpressions"])
+
+  def feasible(pool, state):
+    here = state.get(pool, [])
+    own_anywhere = any(j == job for jobs in state.values() for j in jobs)
+    ok = len(here) < pools[pool]
+    for term in affinity.get("podAffinity", {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution", []):
+      # A pod that matches its own term may open a domain while no pod matches anywhere.
+      ok = ok and (any(matches(term, j) for j in here) or not own_anywhere)
+    for term in affinity.get("podAntiAffinity", {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution", []):
+      ok = ok and not any(matches(term, j) for j in here)
+    return ok
+
+  def place(state, left, mine):
+    if not left:
+      return {tuple(sorted(mine))}
+    choices = [pool for pool in pools if feasible(pool, state)]
+    if not choices:
+      return place(state, left - 1, mine + ["pending"])
+    results = set()
+    for pool in choices:
+      results |= place({**state, pool: state.get(pool, []) + [job]}, left - 1, mine + [pool])
+    return results
+
+  return place({k: list(v) for k, v in placed.items()}, pods, [])
+
+
+def test_a_tpu_slice_stays_in_one_node_pool(capsys):
+  (jobset,) = rendered(capsys, "--accelerator=tpu", "--nodes=2", jobset=True)
+  assert jobset["metadata"]["annotations"] == {
+      "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
+  (gpu_jobset,) = rendered(capsys, "--nodes=2", "--gpus-per-node=8", jobset=True)
+  assert "annotations" not in gpu_jobset["metadata"]
+  _, pod, _ = job_parts(rendered(capsys, "--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4"))
+  affinity = pod["affinity"]
+  for term in (affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+               + affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]):
+    assert term["topologyKey"] == "cloud.google.com/gke-nodepool"
+  # Two matching 4-node pools (two slices): without the affinity, the 4 pods can be split.
+  pools = {"pool-a": 4, "pool-b": 4}
+  assert ("pool-a", "pool-a", "pool-b", "pool-b") in _placements({}, "demo", pools, {}, 4)
+  assert _placements(affinity, "demo", pools, {}, 4) == {("pool-a",) * 4, ("pool-b",) * 4}
+  # A pool that holds another job's pod is not entered, even with free nodes.
+  assert _placements(affinity, "demo", pools, {"pool-a": ["other"]}, 4) == {("pool-b",) * 4}
+  _, pod, _ = job_parts(rendered(capsys, "--accelerator=tpu", "--tpu-topology=2x2",
+                                 "--nodes=1"))
+  assert "affinity" not in pod  # One host: nothing to keep together.
+
+
+def _allocatable_gib(machine) -> tuple[float, float]:
+  """GKE Standard's allocatable (vCPU, GiB) of a machine: its reservation formula, 100 MiB
+  eviction threshold (cloud.google.com/kubernetes-engine/docs/concepts/plan-node-sizes)."""
+  memory = machine.memory_gb * 1e9 / 2**30  # Conservative: GB taken as 10^9 bytes.
+  reserved, left = 0.0, memory
+  for size, share in ((4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06), (math.inf, 0.02)):
+    part = min(left, size)
+    reserved, left = reserved + part * share, left - part
+  cpu_reserved, left = 0.0, machine.vcpus
+  for size, share in ((1, 0.06), (1, 0.01), (2, 0.005), (math.inf, 0.0025)):
+    part = min(left, size)
+    cpu_reserved, left = cpu_reserved + part * share, left - part
+  return machine.vcpus - cpu_reserved, memory - reserved - 100 / 1024
+
+
+@pytest.mark.parametrize("label", sorted(k8s_render.SIZING))
+def test_default_resources_fit_the_machine_types(label):
+  sizing = k8s_render.SIZING[label]
+  for machine in sizing.machines:
+    cpu, memory = _allocatable_gib(machine)
+    # Room for the node's system pods (logging, device plugin): half a CPU and 1 GiB.
+    assert sizing.cpu * machine.accelerators + 0.5 <= cpu, machine
+    assert sizing.memory_gib * machine.accelerators + 1 <= memory, machine
+
+
+def test_resources_and_shared_memory(capsys):
+  _, pod, container = job_parts(rendered(capsys, "--nodes=2", "--gpus-per-node=8"))
+  resources = container["resources"]
+  assert resources["requests"] == {"cpu": "176", "memory": "1536Gi"}  # a3-highgpu-8g
+  assert resources["limits"]["memory"] == "1536Gi"
+  (shm,) = [v for v in pod["volumes"] if v["name"] == "dshm"]
+  assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+  _, pod, container = job_parts(rendered(capsys, "--nodes=2", "--gpus-per-node=1",
+                                         "--gpu-type=nvidia-l4"))
+  assert container["resources"]["requests"] == {"cpu": "3", "memory": "10Gi"}
+  assert [v for v in pod["volumes"] if v["name"] == "dshm"][0]["emptyDir"]["sizeLimit"] == "1Gi"
+  _, pod, container = job_parts(rendered(capsys, "--nodes=2", "--gpus-per-node=2",
+                                         "--gpu-type=nvidia-tesla-t4", "--cpu=7500m",
+                                         "--memory=40Gi", "--shm-size=8Gi"))
+  assert container["resources"]["requests"] == {"cpu": "7500m", "memory": "40Gi"}
+  assert container["resources"]["limits"]["memory"] == "40Gi"
+  assert [v for v in pod["volumes"] if v["name"] == "dshm"][0]["emptyDir"]["sizeLimit"] == "8Gi"
+  _, _, container = job_parts(rendered(capsys, "--accelerator=tpu", "--nodes=2"))
+  assert container["resources"]["requests"] == {"cpu": "80", "memory": "144Gi"}
+  _, pod, container = job_parts(rendered(capsys, "--nodes=2"))
+  assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+  assert [v["name"] for v in pod["volumes"]] == ["tmp"]
+
+
+def test_lifetime_restart_codes_and_slices(capsys):
+  spec, _, _ = job_parts(rendered(capsys, "--nodes=2", "--ttl-after-finished=600",
+                                  "--fail-exit-codes=1,2,3,139"))
+  assert spec["ttlSecondsAfterFinished"] == 600
+  (rule,) = [r for r in spec["podFailurePolicy"]["rules"] if "onExitCodes" in r]
+  assert rule["onExitCodes"]["values"] == [1, 2, 3, 139]
+  (jobset,) = rendered(capsys, "--nodes=2", "--fail-exit-codes=2", jobset=True)
+  spec, _, _ = job_parts([jobset])
+  assert jobset["spec"]["ttlSecondsAfterFinished"] == 86400
+  assert "ttlSecondsAfterFinished" not in spec  # The JobSet owns its Jobs' lifetime.
+  (rule,) = [r for r in spec["podFailurePolicy"]["rules"] if "onExitCodes" in r]
+  assert rule["onExitCodes"]["values"] == [2]
+  (jobset,) = rendered(capsys, "--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4",
+                       "--num-slices=2", jobset=True)
+  (replicated,) = jobset["spec"]["replicatedJobs"]
+  assert replicated["replicas"] == 2
+  env = env_of(job_parts([jobset])[2])
+  assert not {"JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"} & set(env)
+  assert env["MEGASCALE_NUM_SLICES"] == "2"
+  assert env["MEGASCALE_COORDINATOR_ADDRESS"] == "demo-workers-0-0.demo"
+  assert env["MEGASCALE_SLICE_ID"] == {"fieldRef": {
+      "fieldPath": "metadata.labels['jobset.sigs.k8s.io/job-index']"}}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu-type=nvidia-tesla-t4", "--gpus-per-node=1"], "no default --cpu/--memory"),
+    (["--gpus-per-node=8", "--memory=16Gi", "--shm-size=16Gi"], "must be below --memory"),
+    (["--shm-size=1Gi"], "--shm-size applies to --accelerator=gpu"),
+    (["--cpu=two"], "--cpu='two'"),
+    (["--memory=8"], "--memory='8'"),
+    (["--fail-exit-codes=1,1"], "--fail-exit-codes"),
+    (["--fail-exit-codes=0"], "--fail-exit-codes"),
+    (["--num-slices=2", "--accelerator=tpu"], "needs --jobset"),
+    (["--no-host-network", "--gpus-per-node=1"], "--no-host-network does not apply"),
+    (["--ttl-after-finished=-1"], "--ttl-after-finished"),
+    (["--", CONFIG, "--config.x=a\nb"], "control characters"),
+])
+def test_bad_resource_and_policy_flags_exit_2(flags, message, capsys):
+  argv = ["render", "--name=demo", f"--image={REGISTRY}:v1", f"--workdir={BUCKET}/demo", *flags]
+  code, out, err = launch(argv, capsys)
+  assert (code, out) == (2, "")
+  assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_exit_codes_are_the_trainers_one_list():
+  from trainer import errors  # pylint: disable=g-import-not-at-top
+  # 1 is Python's exit code for an unhandled exception; the others are the trainer's classes.
+  assert common.FAIL_FAST_EXIT_CODES == (1, errors.UserError.exit_code, errors.Diverged.exit_code)
+  assert common.PREEMPTED_EXIT_CODE == errors.Preempted.exit_code
+  assert common.PREEMPTED_EXIT_CODE not in common.FAIL_FAST_EXIT_CODES
+  # The YAML under k8s/ keeps literal lists, for `kubectl kustomize`; they are the same list.
+  (job,) = [d for d in k8s.kustomize(k8s.K8S_DIR / "base") if d["kind"] == "Job"]
+  (jobset,) = k8s.kustomize(k8s.K8S_DIR / "jobset")
+  for spec in (job["spec"], jobset["spec"]["replicatedJobs"][0]["template"]["spec"]):
+    (rule,) = [r for r in spec["podFailurePolicy"]["rules"] if "onExitCodes" in r]
+    assert tuple(rule["onExitCodes"]["values"]) == common.FAIL_FAST_EXIT_CODES
+
+
+# ---------------------------------------------------------------------------------------------
 # Exit-code contract (reliability test R13).
 
 
@@ -391,7 +627,7 @@ def pss_violations(pod: dict) -> set[str]:
 
 
 # The TPU allow-list documented in k8s/overlays/tpu-gke/tpu.yaml and docs/gke.md.
-ALLOWED = {"cpu": set(), "gpu": set(), "tpu": {"hostNetwork"},
+ALLOWED = {"cpu": set(), "gpu": set(), "tpu": {"hostNetwork"}, "tpu-pod-network": set(),
            "tpu-privileged": {"hostNetwork", "privileged", "allowPrivilegeEscalation"}}
 
 
@@ -479,8 +715,8 @@ def test_hostile_names_rejected_by_every_verb(verb, capsys, monkeypatch):
 
 def test_hostile_trainer_args_are_one_yaml_scalar_each(capsys, monkeypatch):
   hostile = ["--config.x=; rm -rf ~", "$(id)", "`id`", "it's", 'say "hi"',
-             "a\n  privileged: true\nkind: Pod", "key: value", "- item", "{a: 1}", "&anchor *ref",
-             "--config.name=\u2603 \t tab", "#comment", "---", "!!python/object:os.system"]
+             "key: value", "- item", "{a: 1}", "&anchor *ref", "--config.name=\u2603 space",
+             "#comment", "---", "!!python/object:os.system", "--config.s=a: b\u2028c"]
   calls = []
 
   def fake_run(argv, **kwargs):
@@ -538,10 +774,10 @@ elif argv[0] == "get":
     sys.exit("The connection to the server was refused")
   print(json.dumps(states[min(n, len(states) - 1)]))
 elif argv[0] == "logs":
-  index = re.search(r"job-completion-index=(\d+)", argv[argv.index("-l") + 1]).group(1)
-  log = state / f"logs-{index}.txt"
+  pod = argv[3]
+  log = state / f"logs-{pod}.txt"
   if not log.exists():
-    print(f"error: no pod with index {index}", file=sys.stderr)
+    print(f"error: container trainer in pod {pod} is waiting to start", file=sys.stderr)
     sys.exit(1)
   sys.stdout.write(log.read_text())
 elif argv[0] == "delete":
@@ -652,30 +888,109 @@ def test_wait_times_out_as_still_running(fake_kubectl, capsys):
   assert code == k8s.STILL_RUNNING and "--timeout=1" in err
 
 
+def _index_pod(name, index, created, phase="Running", job_index=None, exit_code=None):
+  labels = {"batch.kubernetes.io/job-completion-index": str(index)}
+  if job_index is not None:
+    labels["jobset.sigs.k8s.io/job-index"] = str(job_index)
+  pod = {"metadata": {"name": name, "labels": labels, "creationTimestamp": created},
+         "status": {"phase": phase}}
+  if exit_code is not None:
+    pod["status"]["containerStatuses"] = [
+        {"name": "trainer", "state": {"terminated": {"exitCode": exit_code}}}]
+  return pod
+
+
+def _pods(fake_kubectl, *pods):
+  (fake_kubectl / "pods.json").write_text(json.dumps({"items": list(pods)}))
+
+
 def test_logs_interleave_pods_in_time_order(fake_kubectl, capsys):
-  (fake_kubectl / "logs-0.txt").write_text(
+  _pods(fake_kubectl, _index_pod("gpu-demo-0-a", 0, "2026-01-01T00:00:00Z"),
+        _index_pod("gpu-demo-1-b", 1, "2026-01-01T00:00:00Z"))
+  (fake_kubectl / "logs-gpu-demo-0-a.txt").write_text(
       "2026-01-01T00:00:01.5Z step 0 loss 2.3\n2026-01-01T00:00:03Z step 10\n"
       "a line without timestamp\n")
-  (fake_kubectl / "logs-1.txt").write_text(
+  (fake_kubectl / "logs-gpu-demo-1-b.txt").write_text(
       "2026-01-01T00:00:01.25Z process 1 joined\n2026-01-01T00:00:02Z [x] y: z\n")
   code, out, err = launch(INVOCATIONS["logs-gpu"], capsys)
   assert code == 0, err
   assert out.splitlines() == ["[pod 1] process 1 joined", "[pod 0] step 0 loss 2.3",
                               "[pod 1] [x] y: z", "[pod 0] step 10",
                               "[pod 0] a line without timestamp"]
-  assert sorted(_calls(fake_kubectl)) == [
-      ["logs", "-n", "jaxjob", "-l",
-       f"batch.kubernetes.io/job-name=gpu-demo,batch.kubernetes.io/job-completion-index={i}",
-       "-c", "trainer", "--tail=-1", "--timestamps"] for i in (0, 1)]
+  assert _calls(fake_kubectl)[0] == [
+      "get", "pods", "-n", "jaxjob", "-l", "batch.kubernetes.io/job-name=gpu-demo", "-o", "json"]
+  assert sorted(_calls(fake_kubectl)[1:]) == [
+      ["logs", "-n", "jaxjob", pod, "-c", "trainer", "--tail=-1", "--timestamps"]
+      for pod in ("gpu-demo-0-a", "gpu-demo-1-b")]
+
+
+def test_logs_show_only_the_newest_attempt_of_each_index(fake_kubectl, capsys):
+  # Index 1 failed (exit 137) and was recreated: its old pod stays, and kubectl's selector would
+  # have merged both attempts into one [pod 1] stream.
+  _pods(fake_kubectl, _index_pod("d-1-old", 1, "2026-01-01T00:00:00Z", "Failed", exit_code=137),
+        _index_pod("d-0-a", 0, "2026-01-01T00:00:00Z"),
+        _index_pod("d-1-new", 1, "2026-01-01T00:05:00Z"))
+  (fake_kubectl / "logs-d-1-old.txt").write_text("2026-01-01T00:00:01Z attempt one\n")
+  (fake_kubectl / "logs-d-1-new.txt").write_text("2026-01-01T00:05:01Z attempt two\n")
+  (fake_kubectl / "logs-d-0-a.txt").write_text("2026-01-01T00:00:01Z zero\n")
+  code, out, err = launch(["logs", "--name=d"], capsys)
+  assert code == 0, err
+  assert out.splitlines() == ["[pod 0] zero", "[pod 1] attempt two"]
+  assert "1 earlier attempt(s) left out" in err
+  assert not [c for c in _calls(fake_kubectl) if "d-1-old" in c]
+
+
+def test_logs_of_many_pods_and_slices_are_one_stream_each(fake_kubectl, capsys):
+  # kubectl logs -l follows at most 5 pods by default (--max-log-requests); one kubectl per pod
+  # has no such limit.
+  pods = [_index_pod(f"t-{s}-{i}", i, "2026-01-01T00:00:00Z", job_index=s)
+          for s in range(2) for i in range(4)]
+  _pods(fake_kubectl, *pods)
+  for pod in pods:
+    name = pod["metadata"]["name"]
+    (fake_kubectl / f"logs-{name}.txt").write_text(f"2026-01-01T00:00:01Z {name}\n")
+  code, out, _ = launch(["logs", "--jobset", "--name=t", "--nodes=8", "--follow"], capsys)
+  assert code == 0
+  assert sorted(out.splitlines()) == sorted(
+      [f"[pod {i}] t-0-{i}" for i in range(4)] + [f"[slice 1 pod {i}] t-1-{i}" for i in range(4)])
+  assert len([c for c in _calls(fake_kubectl) if c[0] == "logs"]) == 8
 
 
 def test_logs_follow_and_a_failing_pod(fake_kubectl, capsys):
-  (fake_kubectl / "logs-0.txt").write_text("2026-01-01T00:00:01Z hello\n")
-  code, out, _ = launch(INVOCATIONS["logs-gpu-follow"], capsys)
-  assert code == 1  # pod 1 has no log: its kubectl failed
+  _pods(fake_kubectl, _index_pod("g-0", 0, "2026-01-01T00:00:00Z"),
+        _index_pod("g-1", 1, "2026-01-01T00:00:00Z", phase="Pending"))
+  (fake_kubectl / "logs-g-0.txt").write_text("2026-01-01T00:00:01Z hello\n")
+  code, out, err = launch(["logs", "--name=g", "--nodes=3", "--follow"], capsys)
+  assert code == 1  # pod 1 has no log yet: its kubectl failed; index 2 has no pod at all
   assert "[pod 0] hello" in out.splitlines()
-  assert "[pod 1] error: no pod with index 1" in out.splitlines()
-  assert all(c[-1] == "--follow" for c in _calls(fake_kubectl))
+  assert "[pod 1] error: container trainer in pod g-1 is waiting to start" in out.splitlines()
+  assert "1 of 3 pods not created yet" in err
+  assert all(c[-1] == "--follow" for c in _calls(fake_kubectl) if c[0] == "logs")
+
+
+def test_apply_wait_logs_delete_returns_the_outcome(fake_kubectl, capsys):
+  states = [_job(None, active=2), _job(None, active=2),
+            _job("Failed", "Container trainer for pod jaxjob/x failed with exit code 2")]
+  (fake_kubectl / "job.json").write_text(json.dumps(states))
+  _pods(fake_kubectl, _index_pod("gpu-demo-workers-0-0-a", 0, "2026-01-01T00:00:00Z"),
+        _index_pod("gpu-demo-workers-0-1-b", 1, "2026-01-01T00:00:00Z"))
+  (fake_kubectl / "logs-gpu-demo-workers-0-0-a.txt").write_text("2026-01-01T00:00:01Z bad flag\n")
+  (fake_kubectl / "logs-gpu-demo-workers-0-1-b.txt").write_text("2026-01-01T00:00:01Z one\n")
+  argv = INVOCATIONS["apply-gpu-wait"]
+  split = argv.index("--")
+  code, out, _ = launch(argv[:split] + ["--poll-seconds=0.1"] + argv[split:], capsys)
+  assert code == 2  # the trainer's exit code is the command's
+  assert "[pod 0] bad flag" in out.splitlines() and "[pod 1] one" in out.splitlines()
+  calls = _calls(fake_kubectl)
+  assert calls[0] == ["apply", "-f", "-"]
+  assert calls[-1] == ["delete", "jobset", "gpu-demo", "-n", "jaxjob", "--ignore-not-found",
+                       "--cascade=foreground"]
+  assert [c for c in calls if c[0] == "logs"] and "gpu-demo: failed with exit code 2" in out
+
+
+def test_apply_without_wait_refuses_logs_and_delete(capsys):
+  code, out, err = launch(["apply", "--logs", *_GPU], capsys)
+  assert (code, out) == (2, "") and "--logs and --delete go with --wait" in err
 
 
 def test_delete_removes_job_and_service(fake_kubectl, capsys):
