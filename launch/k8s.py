@@ -9,7 +9,7 @@ each argv (and the manifests a command reads on stdin) and runs nothing.
 Examples (docs/gke.md has the full walk-through):
   python -m launch k8s render --nodes=2 --image=IMAGE --workdir=gs://BUCKET/runs/r1 -- --config=...
   python -m launch k8s apply --gpus-per-node=8 --nodes=2 --image=IMAGE --workdir=... -- --config=...
-  python -m launch k8s apply --wait --logs --delete ... (one command: apply, stream, outcome, delete)
+  python -m launch k8s apply --wait --logs --delete ...  (apply, stream, outcome, delete)
   python -m launch k8s logs --name=NAME --follow
   python -m launch k8s wait --name=NAME
   python -m launch k8s delete --name=NAME

@@ -11,11 +11,13 @@ in which every user value (image, pip spec, workdir, trainer flags) goes through
 `shlex.quote`; it starts the trainer detached on every worker (`nohup`, output in
 `/tmp/jaxjob-NAME.log`, exit code in `/tmp/jaxjob-NAME.exit`), either as
 `sudo docker run IMAGE <trainer flags>` (`--image`) or as `python -m trainer` from a
-Python 3.11 venv that `uv` creates and fills with `--pip-spec` (a PEP 508 spec such as
+Python 3.12 venv that `uv` creates and fills with `--pip-spec` (a PEP 508 spec such as
 `jaxjob[tpu] @ git+https://...`, or a `gs://.../*.whl[extras]` copied with
-`gcloud storage cp`). `logs` runs one `tpu-vm ssh --worker=N` per worker in parallel and
-prefixes each line with `[worker N]` here; the worker count comes from `--workers` or
-from `tpu-vm describe`. No JAX_* variables are set: on a TPU VM the trainer's
+`gcloud storage cp`). Both set `JAX_PLATFORMS=tpu`, so a worker whose TPU cannot be
+opened fails at start instead of training on its CPU. `logs` runs one
+`tpu-vm ssh --worker=N` per worker in parallel and prefixes each line with `[worker N]`
+here; the worker count comes from `--workers` or from `tpu-vm describe`. No other JAX_*
+variables are set: on a TPU VM the trainer's
 `jax.distributed.initialize()` finds its peers from the VM metadata.
 
 Examples:
@@ -27,8 +29,8 @@ Examples:
 
 Common issues: a queued resource is usable only once `status` shows it ACTIVE; a spot VM
 that was preempted must be deleted (`delete`) before it is created again, or it keeps
-its quota; `--max-runtime` exists only for queued resources (alpha
-`--max-run-duration`, documented by Google for flex-start).
+its quota; `--max-runtime` exists only with `--queued --flex-start` (alpha
+`--max-run-duration`, which gcloud documents for flex-start only).
 """
 
 from __future__ import annotations
@@ -59,14 +61,14 @@ _PROJECT = re.compile(r"^([a-z][-a-z0-9.]{0,61}[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a
 _VERSION = re.compile(r"^[a-z0-9][-a-z0-9._]{0,127}$")
 _DURATION = re.compile(r"^([0-9]{1,6}[dhms]){1,4}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{1,63}$")
-_IMAGE = re.compile(r"^[a-z0-9][-a-z0-9._/:]*(:[A-Za-z0-9_.-]{1,128})?(@sha256:[0-9a-f]{64})?$")
-_GS_URL = re.compile(r"^gs://[a-z0-9][-a-z0-9._]{1,220}[a-z0-9](/[^\s\x00-\x1f\x7f]*)?$")
 _GS_PACKAGE = re.compile(r"^(gs://[^\[\]]+/([^/\[\]]+)\.(whl|tar\.gz))(\[[a-z0-9_,-]+\])?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FLEX_START_MAX_SECONDS = 7 * 86400
 
 _TPUS = ["gcloud", "compute", "tpus"]
 _VENV = "$HOME/jaxjob-venv"
-_PYTHON = "3.11"  # pyproject's requires-python; the TPU images ship 3.10, so uv fetches it.
+_PYTHON = "3.12"  # pyproject's requires-python; the TPU images ship 3.10, so uv fetches it.
+_PLATFORM = "JAX_PLATFORMS=tpu"  # No TPU: fail at start instead of training on the CPU.
 _METADATA = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
              "agent-worker-number")
 _WORKER_ENDPOINTS = ["--flatten=networkEndpoints[]",
@@ -153,6 +155,12 @@ def _create_argvs(args) -> tuple[list[str], list[list[str]]]:
 def _queued_create_argv(args, name, where, version, labels) -> list[str]:
   if args.spot and args.flex_start:
     raise common.UsageError("--spot and --flex-start exclude each other")
+  if bool(args.max_runtime) != bool(args.flex_start):
+    raise common.UsageError(
+        "--max-runtime and --flex-start go together: gcloud documents --max-run-duration for"
+        " flex-start only, and a flex-start request needs its run duration")
+  if args.max_runtime and _seconds(args.max_runtime) > _FLEX_START_MAX_SECONDS:
+    raise common.UsageError(f"--max-runtime={args.max_runtime}: flex-start runs at most 7 days")
   alpha = args.max_runtime or args.flex_start  # Both exist only in the alpha track.
   track = ["gcloud", "alpha", "compute", "tpus"] if alpha else _TPUS
   argv = [*track, "queued-resources", "create", name, *where, f"--node-id={name}",
@@ -166,10 +174,15 @@ def _queued_create_argv(args, name, where, version, labels) -> list[str]:
   return argv + [labels]
 
 
+def _seconds(duration: str) -> int:
+  units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+  return sum(int(n) * units[u] for n, u in re.findall(r"([0-9]+)([dhms])", duration))
+
+
 def _queued_notes(args) -> list[str]:
   notes = []
   if args.max_runtime:
-    notes.append("--max-runtime is alpha --max-run-duration (documented for flex-start)")
+    notes.append("--max-runtime is alpha --max-run-duration: flex-start deletes the TPU after it")
   return notes + ["the TPU VM exists once `status --queued` shows the queued resource ACTIVE"]
 
 
@@ -231,14 +244,14 @@ def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
   if image is not None:
     lines += _docker_lines(name, image)
     command = shlex.join(["sudo", "docker", "run", f"--name=jaxjob-{name}", "--privileged",
-                          "--net=host", "--init", image, *trainer])
+                          "--net=host", "--init", f"--env={_PLATFORM}", image, *trainer])
   else:
     lines += _pip_lines(name, pip_spec, remote_dir)
     # Run from the directory holding the installed package, so that
     # --config=trainer/configs/X.py means the same file as in a checkout.
     python = f'"{_VENV}/bin/python"'
     command = (f'cd "$({python} -c "import os, trainer; print(os.path.dirname('
-               f'os.path.dirname(trainer.__file__)))")" && {python} -m trainer '
+               f'os.path.dirname(trainer.__file__)))")" && {_PLATFORM} {python} -m trainer '
                + shlex.join(trainer))
   lines += [
       f'cat > {files["sh"]} << "JAXJOB_EOF"',
@@ -284,17 +297,10 @@ def status_script(name: str, *, remote_dir: str = "/tmp") -> str:
 def _run_argvs(args) -> tuple[list[str], list[list[str]]]:
   name = _name(args.name)
   where = _where(args)
-  workdir = _check(args.workdir, _GS_URL, "--workdir", "gs://BUCKET/PATH without spaces")
-  trainer_args = list(args.trainer_args)
-  if trainer_args[:1] == ["--"]:
-    trainer_args = trainer_args[1:]
-  for arg in trainer_args:
-    if _CONTROL.search(arg):
-      raise common.UsageError(f"trainer flag {arg!r}: control characters (newlines) are refused")
-    if arg.startswith("--workdir"):
-      raise common.UsageError(f"{arg!r}: pass the workdir once, as --workdir before --")
+  workdir = common.validate_gcs_url(args.workdir)
+  trainer_args = common.trainer_args(args.trainer_args)
   if args.image is not None:
-    _check(args.image, _IMAGE, "--image", "an image reference such as REGISTRY/REPO:TAG")
+    common.validate_image(args.image)
   elif _CONTROL.search(args.pip_spec) or not args.pip_spec.strip():
     raise common.UsageError(f"--pip-spec={args.pip_spec!r}: expected one requirement line")
   script = run_script(name, workdir, trainer_args, image=args.image, pip_spec=args.pip_spec)
@@ -443,9 +449,9 @@ def add_parser(subparsers) -> None:
   create.add_argument("--queued", action="store_true",
                       help="create a queued resource (recommended): waits for capacity")
   create.add_argument("--valid-until-duration", help="queued: give up waiting after this")
-  create.add_argument("--max-runtime", help="queued: delete the TPU after this (alpha)")
+  create.add_argument("--max-runtime", help="with --flex-start: delete the TPU after this (alpha)")
   create.add_argument("--flex-start", action="store_true",
-                      help="queued: flex-start provisioning (alpha; use with --max-runtime)")
+                      help="queued: flex-start, up to 7 days (alpha; needs --max-runtime)")
   create.add_argument("--owner", help="owner label (default: $USER, sanitised)")
   create.set_defaults(func=_verb(_create_argvs))
 

