@@ -8,10 +8,12 @@ one argument. `--dry-run` prints each argv (shell-quoted for reading) and runs n
 
 from __future__ import annotations
 
+import queue
 import re
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 # The trainer's exit codes (shared/DESIGN.md section 4; trainer/errors.py): restarting cannot help
@@ -33,6 +35,8 @@ _IMAGE = re.compile(rf"(?:{_HOST_PART}(?:\.{_HOST_PART})*(?::[0-9]{{1,5}})?/)?"
 # shell or YAML syntax, so the URL reads the same in a manifest, a remote script and a log line.
 _GCS_URL = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](?:/[A-Za-z0-9._~=+@,/-]*)?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# kubectl logs --timestamps: RFC 3339 with trailing zeros of the fraction trimmed.
+_TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z (.*)$", re.DOTALL)
 
 
 class UsageError(Exception):
@@ -105,3 +109,59 @@ def run(argv: Sequence[str], *, dry_run: bool, check: bool = True) -> int:
   if check and proc.returncode != 0:
     print(f"command failed with exit code {proc.returncode}: {argv[0]}", file=sys.stderr)
   return proc.returncode
+
+
+def stream_prefixed(argvs: Sequence[Sequence[str]], labels: Sequence[str], *,
+                    timestamps: bool = False, in_time_order: bool = False, out=None) -> int:
+  """Runs the argvs at once and prints each output line as `LABEL line`: every launcher's logs.
+
+  Args:
+    argvs: one command per stream (a pod's or a worker's log).
+    labels: the prefix of each stream's lines, e.g. `[pod 3]` or `[worker 0]`.
+    timestamps: lines start with an RFC 3339 time (kubectl --timestamps), which is dropped.
+    in_time_order: print nothing until every stream ended, then all lines merged by that time
+      (needs `timestamps`); otherwise lines print as they arrive.
+    out: where to print (default: stdout).
+
+  Returns:
+    0 when every command exited 0, else the first non-zero exit code (130 on Ctrl-C).
+  """
+  out = out or sys.stdout
+  lines: queue.Queue = queue.Queue()
+  procs = [subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace") for argv in argvs]
+  for index, proc in enumerate(procs):
+    threading.Thread(target=_pump, args=(index, proc.stdout, lines, timestamps),
+                     daemon=True).start()
+  collected, open_streams = [], len(procs)
+  try:
+    while open_streams:
+      item = lines.get()
+      if item is None:
+        open_streams -= 1
+      elif in_time_order:
+        collected.append(item)
+      else:
+        out.write(f"{labels[item[1]]} {item[3]}\n")
+        out.flush()
+    for _, index, _, text in sorted(collected):
+      out.write(f"{labels[index]} {text}\n")
+    codes = [proc.wait() for proc in procs]
+  except KeyboardInterrupt:
+    for proc in procs:
+      proc.terminate()
+    return 130
+  return next((code for code in codes if code), 0)
+
+
+def _pump(index: int, stream, lines: queue.Queue, timestamps: bool) -> None:
+  """Queues (time key, stream index, line number, text) for each line of one stream."""
+  key = ("", "")
+  for number, raw in enumerate(stream):
+    text = raw.rstrip("\n")
+    found = _TIMESTAMP.match(text) if timestamps else None
+    if found:  # Pad the fraction so that keys compare as times.
+      key = (found.group(1), (found.group(2) or "").ljust(9, "0"))
+      text = found.group(3)
+    lines.put((key, index, number, text))
+  lines.put(None)

@@ -38,7 +38,7 @@ import time
 from launch import common
 from launch import k8s_logs
 from launch import k8s_render
-from launch.k8s_render import CONTAINER, INDEX_KEY, K8S_DIR, PROFILES, dump, kustomize  # noqa: F401
+from launch.k8s_render import CONTAINER, PROFILES, dump
 
 STILL_RUNNING = 75  # sysexits EX_TEMPFAIL: not finished, ask again later.
 _TOPOLOGY = re.compile(r"^[1-9][0-9]{0,2}(?:x[1-9][0-9]{0,2}){1,2}$")

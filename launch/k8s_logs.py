@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
-import re
 import subprocess
 import sys
-import threading
 import time
 
 from launch import common
 from launch.k8s_render import CONTAINER, INDEX_KEY, JOB_INDEX_KEY
 
-_TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?Z (.*)$", re.DOTALL)
 _STARTED = ("Running", "Succeeded", "Failed")  # Phases whose container has a log to read.
 
 
@@ -88,7 +84,9 @@ def logs(args: argparse.Namespace, follow: bool | None = None) -> int:
   argvs = [logs_argv(args, pod["metadata"]["name"], follow) for pod in chosen.values()]
   for argv in argvs:
     common.echo(argv, dry_run=False, file=sys.stderr)
-  rc = stream_logs(argvs, [label(k) for k in chosen], follow=follow) if argvs else 1
+  labels = [label(k) for k in chosen]
+  rc = common.stream_prefixed(argvs, labels, timestamps=True,
+                              in_time_order=not follow) if argvs else 1
   return rc or (1 if missing > 0 else 0)
 
 
@@ -110,43 +108,3 @@ def follow_when_started(args: argparse.Namespace, status) -> None:
       break
     time.sleep(args.poll_seconds)
   logs(args, follow=True)
-
-
-def stream_logs(argvs: list[list[str]], labels: list[str], follow: bool) -> int:
-  """Runs the `kubectl logs` argvs at once and prints every line as `LABEL line`.
-
-  With `follow`, lines print as they arrive; otherwise they are merged by kubectl's timestamps so
-  the output reads in time order across pods. Returns the first non-zero exit code, or 0.
-  """
-  lines: queue.Queue = queue.Queue()
-  procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace") for argv in argvs]
-  for index, proc in enumerate(procs):
-    threading.Thread(target=_pump, args=(index, proc.stdout, lines), daemon=True).start()
-  collected, open_streams = [], len(procs)
-  while open_streams:
-    item = lines.get()
-    if item is None:
-      open_streams -= 1
-    elif follow:
-      print(f"{labels[item[1]]} {item[3]}", flush=True)
-    else:
-      collected.append(item)
-  for _, index, _, text in sorted(collected):
-    print(f"{labels[index]} {text}")
-  codes = [proc.wait() for proc in procs]
-  return next((code for code in codes if code), 0)
-
-
-def _pump(index: int, stream, lines: queue.Queue) -> None:
-  """Queues (time key, stream index, line number, text) for each line of one pod's log."""
-  key = ("", "")
-  for number, raw in enumerate(stream):
-    found = _TIMESTAMP.match(raw.rstrip("\n"))
-    if found:  # RFC 3339 with trailing zeros trimmed: pad the fraction so keys compare.
-      key = (found.group(1), (found.group(2) or "").ljust(9, "0"))
-      text = found.group(3)
-    else:
-      text = raw.rstrip("\n")
-    lines.put((key, index, number, text))
-  lines.put(None)

@@ -41,7 +41,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 
 from launch import common
@@ -364,30 +363,8 @@ def stream_workers(argvs: Sequence[Sequence[str]], out=None) -> int:
   Returns:
     0 when every command exited 0, else the first non-zero exit code (130 on Ctrl-C).
   """
-  out = out or sys.stdout
-  lock = threading.Lock()
-  procs = [subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace") for argv in argvs]
-
-  def pump(worker: int, proc: subprocess.Popen) -> None:
-    for line in proc.stdout:
-      with lock:
-        out.write(f"[worker {worker}] {line.rstrip(chr(10))}\n")
-        out.flush()
-
-  threads = [threading.Thread(target=pump, args=(i, p), daemon=True)
-             for i, p in enumerate(procs)]
-  for thread in threads:
-    thread.start()
-  try:
-    for thread in threads:
-      thread.join()
-    codes = [proc.wait() for proc in procs]
-  except KeyboardInterrupt:
-    for proc in procs:
-      proc.terminate()
-    return 130
-  return next((code for code in codes if code), 0)
+  labels = [f"[worker {i}]" for i in range(len(argvs))]
+  return common.stream_prefixed(argvs, labels, out=out)
 
 
 def _logs(args) -> int:
@@ -406,7 +383,7 @@ def _logs(args) -> int:
     _run([*ssh, "--worker=0", command], dry_run=True)
     return 0
   if workers is None:
-    print("+ " + common.format_argv(describe), flush=True)
+    common.echo(describe, dry_run=False)
     proc = subprocess.run(describe, capture_output=True, text=True, check=False)
     workers = len([line for line in proc.stdout.splitlines() if line.strip()])
     if proc.returncode or not workers:
@@ -418,7 +395,7 @@ def _logs(args) -> int:
     if args.dry_run:
       _run(argv, dry_run=True)
     else:
-      print("+ " + common.format_argv(argv), flush=True)
+      common.echo(argv, dry_run=False)
   return 0 if args.dry_run else stream_workers(argvs)
 
 

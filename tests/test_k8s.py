@@ -168,20 +168,20 @@ def test_dry_run_apply_prints_argv_and_the_rendered_manifests(capsys):
 @pytest.mark.parametrize("directory", ["base", "overlays/gpu", "overlays/tpu-gke", "jobset"])
 def test_kubectl_kustomize_builds_offline_and_agrees_with_the_launcher(directory, tmp_path):
   env = {**os.environ, "KUBECONFIG": str(tmp_path / "none")}
-  proc = subprocess.run(["kubectl", "kustomize", str(k8s.K8S_DIR / directory)], env=env,
+  proc = subprocess.run(["kubectl", "kustomize", str(k8s_render.K8S_DIR / directory)], env=env,
                         capture_output=True, text=True, check=False, timeout=60)
   assert proc.returncode == 0, proc.stderr
   by_kubectl = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(proc.stdout)}
-  ours = {(d["kind"], d["metadata"]["name"]): d for d in k8s.kustomize(k8s.K8S_DIR / directory)}
+  ours = {(d["kind"], d["metadata"]["name"]): d for d in k8s_render.kustomize(k8s_render.K8S_DIR / directory)}
   assert ours == by_kubectl
 
 
 def test_patches_address_the_trainer_container():
   for patch in ("gpu/gpu.yaml", "tpu-gke/tpu.yaml"):
-    for op in yaml.safe_load((k8s.K8S_DIR / "overlays" / patch).read_text()):
+    for op in yaml.safe_load((k8s_render.K8S_DIR / "overlays" / patch).read_text()):
       if "/containers/" in op["path"]:
         assert op["path"].startswith("/spec/template/spec/containers/0/")
-  _, pod, _ = job_parts(k8s.kustomize(k8s.K8S_DIR / "base"))
+  _, pod, _ = job_parts(k8s_render.kustomize(k8s_render.K8S_DIR / "base"))
   assert pod["containers"][0]["name"] == "trainer"
 
 
@@ -529,8 +529,8 @@ def test_exit_codes_are_the_trainers_one_list():
   assert common.PREEMPTED_EXIT_CODE == errors.Preempted.exit_code
   assert common.PREEMPTED_EXIT_CODE not in common.FAIL_FAST_EXIT_CODES
   # The YAML under k8s/ keeps literal lists, for `kubectl kustomize`; they are the same list.
-  (job,) = [d for d in k8s.kustomize(k8s.K8S_DIR / "base") if d["kind"] == "Job"]
-  (jobset,) = k8s.kustomize(k8s.K8S_DIR / "jobset")
+  (job,) = [d for d in k8s_render.kustomize(k8s_render.K8S_DIR / "base") if d["kind"] == "Job"]
+  (jobset,) = k8s_render.kustomize(k8s_render.K8S_DIR / "jobset")
   for spec in (job["spec"], jobset["spec"]["replicatedJobs"][0]["template"]["spec"]):
     (rule,) = [r for r in spec["podFailurePolicy"]["rules"] if "onExitCodes" in r]
     assert tuple(rule["onExitCodes"]["values"]) == common.FAIL_FAST_EXIT_CODES
@@ -660,11 +660,11 @@ def test_pod_security_check_can_fail(mutation, capsys):
 
 def test_no_long_lived_credentials(capsys):
   texts = [(ROOT / "Dockerfile").read_text(), (ROOT / "launch" / "k8s.py").read_text()]
-  texts += [p.read_text() for p in k8s.K8S_DIR.rglob("*.yaml")]
+  texts += [p.read_text() for p in k8s_render.K8S_DIR.rglob("*.yaml")]
   for profile, flags in PROFILES.items():
     for jobset in (False, True):
       docs = rendered(capsys, *flags, jobset=jobset)
-      texts.append(k8s.dump(docs))
+      texts.append(k8s_render.dump(docs))
       _, pod, container = job_parts(docs)
       assert not [v for v in pod.get("volumes", []) if "secret" in v or "projected" in v]
       assert not [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
@@ -746,7 +746,7 @@ def _key_paths(node, prefix=()) -> set:
 
 
 def test_no_shell_anywhere():
-  for path in (ROOT / "launch" / "k8s.py", ROOT / "launch" / "common.py"):
+  for path in sorted((ROOT / "launch").glob("*.py")):
     source = path.read_text()
     assert "shell=True" not in source and "os.system" not in source and "os.popen" not in source
 
@@ -1030,7 +1030,7 @@ def test_rendered_job_trains_as_local_processes(capsys, tmp_path):
       if "value" in entry:
         env[entry["name"]] = entry["value"]
       else:  # The downward API: the completion-index annotation.
-        assert entry["valueFrom"]["fieldRef"]["fieldPath"].endswith(f"['{k8s.INDEX_KEY}']")
+        assert entry["valueFrom"]["fieldRef"]["fieldPath"].endswith(f"['{k8s_render.INDEX_KEY}']")
         env[entry["name"]] = str(index)
     host = env["JAX_COORDINATOR_ADDRESS"].rsplit(":", 1)[0]
     assert host == "rehearsal-0.rehearsal"  # What the headless Service resolves in-cluster.
