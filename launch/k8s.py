@@ -17,9 +17,14 @@ Examples (docs/gke.md has the full walk-through):
 Exit codes of `status`, `wait` and `apply --wait`: 0 when the job succeeded; the trainer's exit
 code that failed it (1, 2, 3, 42 or 128+N) when it failed; 75 while it is pending or running.
 
+More than one node is a JobSet unless --indexed-job: when one JAX process dies, its peers abort
+(JAX is fail-stop) and a recreated process cannot join their running coordination service, so the
+JobSet's restart of every pod at once is the restart that converges (docs/gke.md). `logs`,
+`status`, `wait` and `delete` find which kind a name is, unless told (--jobset, --indexed-job).
+
 Common issues: a Job's pod template cannot change, so `delete` before applying again under the same
-name; a finished job is deleted after --ttl-after-finished seconds (its records stay on GCS);
-`--jobset` needs the JobSet controller; a TPU slice needs --nodes = chips in --tpu-topology /
+name; a finished job is deleted after --ttl-after-finished seconds (its records stay on GCS); a
+JobSet needs the JobSet controller; a TPU slice needs --nodes = chips in --tpu-topology /
 --tpus-per-node.
 """
 
@@ -63,6 +68,9 @@ def _check(args: argparse.Namespace) -> argparse.Namespace:
       raise common.UsageError(f"{flag}={value}: expected a number from {low} to {high}")
   if getattr(args, "image", None) is not None:  # render and apply
     _check_job(args)
+    # One pod's restart is not the job's: a recreated JAX process cannot join the peers'
+    # running coordination service, so several nodes restart together, as a JobSet.
+    args.jobset = args.jobset or (not args.indexed_job and args.nodes * args.num_slices > 1)
   if not args.dry_run and args.verb != "render" and shutil.which("kubectl") is None:
     raise common.UsageError("kubectl is not on PATH: install it, or use --dry-run")
   return args
@@ -86,9 +94,9 @@ def _check_job(args: argparse.Namespace) -> None:
       k8s_render.quantity(args.shm_size) >= k8s_render.quantity(args.memory)):
     raise common.UsageError(f"--shm-size={args.shm_size} must be below --memory={args.memory}:"
                             " /dev/shm pages count against the pod's memory limit")
-  if args.num_slices > 1 and not (args.jobset and args.accelerator == "tpu"):
-    raise common.UsageError(f"--num-slices={args.num_slices} needs --jobset and --accelerator=tpu"
-                            " (one Job per slice)")
+  if args.num_slices > 1 and (args.indexed_job or args.accelerator != "tpu"):
+    raise common.UsageError(f"--num-slices={args.num_slices} needs a JobSet and"
+                            " --accelerator=tpu (one Job per slice)")
 
 
 def _exit_codes(text: str) -> list[int]:
@@ -157,8 +165,34 @@ def _apply_verb(args: argparse.Namespace) -> int:
       _delete(args)
 
 
+def _find_kind(args: argparse.Namespace) -> None:
+  """Sets `args.jobset` for a verb on an existing job: an Indexed Job if one has the name.
+
+  Raises:
+    _KubectlFailed: kubectl could not ask (API unreachable, no credentials).
+  """
+  if args.jobset or args.indexed_job:
+    return
+  argv = ["kubectl", "get", "job", args.name, "-n", args.namespace, "--ignore-not-found",
+          "-o", "name"]
+  common.echo(argv, dry_run=args.dry_run, file=sys.stdout if args.dry_run else sys.stderr)
+  if args.dry_run:
+    print("# an Indexed Job if the command above names one, else a JobSet (shown here)")
+    args.jobset = True
+    return
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    print(proc.stderr.strip(), file=sys.stderr)
+    raise _KubectlFailed(proc.returncode)
+  args.jobset = not proc.stdout.strip()
+
+
 def _delete_verb(args: argparse.Namespace) -> int:
-  return _delete(_check(args))
+  try:
+    _find_kind(_check(args))
+  except _KubectlFailed as e:
+    return e.returncode
+  return _delete(args)
 
 
 def _delete(args: argparse.Namespace) -> int:
@@ -182,13 +216,18 @@ class _KubectlFailed(Exception):
 
 def _status_verb(args: argparse.Namespace) -> int:
   try:
-    return _status(_check(args), echo=True)
+    _find_kind(_check(args))
+    return _status(args, echo=True)
   except _KubectlFailed as e:
     return e.returncode
 
 
 def _wait_verb(args: argparse.Namespace) -> int:
-  return _wait(_check(args))
+  try:
+    _find_kind(_check(args))
+  except _KubectlFailed as e:
+    return e.returncode
+  return _wait(args)
 
 
 def _wait(args: argparse.Namespace) -> int:
@@ -276,7 +315,11 @@ def _failed_exit_code(pods: list[dict]) -> int:
 
 
 def _logs_verb(args: argparse.Namespace) -> int:
-  return k8s_logs.logs(_check(args))
+  try:
+    _find_kind(_check(args))
+  except _KubectlFailed as e:
+    return e.returncode
+  return k8s_logs.logs(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +336,11 @@ def add_parser(subparsers) -> None:
   target.add_argument("--name", default="jaxjob",
                       help="Job or JobSet (and Service) name (default: %(default)s)")
   target.add_argument("--namespace", default="jaxjob", help="(default: %(default)s)")
-  target.add_argument("--jobset", action="store_true", help="a JobSet instead of an Indexed Job")
+  kinds = target.add_mutually_exclusive_group()
+  kinds.add_argument("--jobset", action="store_true",
+                     help="a JobSet (default for apply and render with --nodes > 1)")
+  kinds.add_argument("--indexed-job", action="store_true",
+                     help="an Indexed Job (default for --nodes=1); other verbs find the kind")
   target.add_argument("--dry-run", action="store_true",
                       help="print each command and the manifests; run nothing")
   spec = argparse.ArgumentParser(add_help=False)

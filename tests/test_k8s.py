@@ -48,20 +48,20 @@ INVOCATIONS = {
     "render-cpu": ["render", "--name=cpu-demo", "--nodes=2", f"--image={REGISTRY}:cpu",
                    f"--workdir={BUCKET}/cpu-demo", "--", CONFIG, "--config.train.steps=200"],
     "apply-gpu": ["apply", *_GPU],
-    "apply-gpu-jobset": ["apply", "--jobset", *_GPU],
-    "apply-gpu-wait": ["apply", "--jobset", "--wait", "--logs", "--delete", *_GPU],
+    "apply-gpu-indexed": ["apply", "--indexed-job", *_GPU],
+    "apply-gpu-wait": ["apply", "--wait", "--logs", "--delete", *_GPU],
     "apply-tpu": ["apply", *_TPU],
-    "apply-tpu-jobset": ["apply", "--jobset", *_TPU],
-    "apply-tpu-multislice": ["apply", "--jobset", "--num-slices=2", *_TPU],
+    "apply-tpu-indexed": ["apply", "--indexed-job", *_TPU],
+    "apply-tpu-multislice": ["apply", "--num-slices=2", *_TPU],
     "logs-gpu": ["logs", "--name=gpu-demo", "--nodes=2"],
     "logs-gpu-follow": ["logs", "--name=gpu-demo", "--nodes=2", "--follow"],
-    "logs-tpu-jobset": ["logs", "--jobset", "--name=tpu-demo", "--namespace=jaxjob-tpu",
-                        "--nodes=4"],
+    "logs-tpu": ["logs", "--name=tpu-demo", "--namespace=jaxjob-tpu", "--nodes=4"],
     "status-gpu": ["status", "--name=gpu-demo"],
     "wait-gpu": ["wait", "--name=gpu-demo"],
-    "wait-tpu-jobset": ["wait", "--jobset", "--name=tpu-demo", "--namespace=jaxjob-tpu"],
+    "wait-tpu": ["wait", "--name=tpu-demo", "--namespace=jaxjob-tpu"],
     "delete-gpu": ["delete", "--name=gpu-demo"],
-    "delete-tpu-jobset": ["delete", "--jobset", "--name=tpu-demo", "--namespace=jaxjob-tpu"],
+    "delete-gpu-indexed": ["delete", "--indexed-job", "--name=gpu-demo"],
+    "delete-tpu": ["delete", "--name=tpu-demo", "--namespace=jaxjob-tpu"],
 }
 # Render flag sets covering every profile, for schema, invariant and security checks.
 PROFILES = {
@@ -85,7 +85,7 @@ def launch(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def rendered(capsys, *flags: str, jobset: bool = False) -> list[dict]:
   argv = ["render", "--name=demo", f"--image={REGISTRY}:v1", f"--workdir={BUCKET}/demo", *flags]
-  code, out, err = launch(argv + (["--jobset"] if jobset else []), capsys)
+  code, out, err = launch(argv + (["--jobset"] if jobset else ["--indexed-job"]), capsys)
   assert code == 0, err
   return list(yaml.safe_load_all(out))
 
@@ -121,6 +121,10 @@ def test_dry_run_matches_golden(name, capsys, monkeypatch):
     golden.write_text(out)
   assert golden.exists(), f"missing {golden}: run with JAXJOB_UPDATE_GOLDENS=1"
   assert out == golden.read_text(), f"{name}: rerun with JAXJOB_UPDATE_GOLDENS=1 and review"
+
+
+def test_no_stale_goldens():
+  assert {p.stem for p in GOLDEN_DIR.glob("*.txt")} == set(INVOCATIONS)
 
 
 def _with_dry_run(argv: list[str]) -> list[str]:
@@ -510,7 +514,8 @@ def test_lifetime_restart_codes_and_slices(capsys):
     (["--memory=8"], "--memory='8'"),
     (["--fail-exit-codes=1,1"], "--fail-exit-codes"),
     (["--fail-exit-codes=0"], "--fail-exit-codes"),
-    (["--num-slices=2", "--accelerator=tpu"], "needs --jobset"),
+    (["--num-slices=2", "--accelerator=tpu", "--nodes=2", "--indexed-job"], "needs a JobSet"),
+    (["--num-slices=2", "--gpus-per-node=1"], "needs a JobSet"),
     (["--no-host-network", "--gpus-per-node=1"], "--no-host-network does not apply"),
     (["--ttl-after-finished=-1"], "--ttl-after-finished"),
     (["--", CONFIG, "--config.x=a\nb"], "control characters"),
@@ -765,6 +770,10 @@ if argv[0] == "apply":
   print("job.batch/demo created")
 elif argv[:2] == ["get", "pods"]:
   print((state / "pods.json").read_text())
+elif argv[:2] == ["get", "job"] and argv[-2:] == ["-o", "name"]:  # which kind is NAME
+  kind = state / "kind"
+  if kind.exists() and kind.read_text() == "job":
+    print(f"job.batch/{argv[2]}")
 elif argv[0] == "get":
   counter = state / "counter"
   n = int(counter.read_text()) if counter.exists() else 0
@@ -796,11 +805,14 @@ def fake_kubectl(tmp_path, monkeypatch):
   state.mkdir()
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
   monkeypatch.setenv("FAKE_KUBECTL_DIR", str(state))
+  (state / "kind").write_text("job")  # An Indexed Job of the asked name exists.
   return state
 
 
-def _calls(state) -> list[list[str]]:
-  return [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+def _calls(state, with_kind_check: bool = False) -> list[list[str]]:
+  """The fake's argv log; without `with_kind_check`, less the verbs' `get job NAME -o name`."""
+  calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+  return [c for c in calls if with_kind_check or c[:2] != ["get", "job"] or c[-1] != "name"]
 
 
 def test_missing_kubectl_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
@@ -993,12 +1005,87 @@ def test_apply_without_wait_refuses_logs_and_delete(capsys):
   assert (code, out) == (2, "") and "--logs and --delete go with --wait" in err
 
 
+@pytest.mark.parametrize("kind, flags, expected", [
+    ("job", [], "job"), ("none", [], "jobset"), ("none", ["--indexed-job"], "job"),
+    ("job", ["--jobset"], "jobset")])
+def test_verbs_find_the_kind_of_the_job(kind, flags, expected, fake_kubectl, capsys):
+  (fake_kubectl / "kind").write_text(kind)
+  code, _, _ = launch(["delete", *flags, "--name=gpu-demo"], capsys)
+  assert code == 0
+  calls = _calls(fake_kubectl, with_kind_check=True)
+  asked = [c for c in calls if c[:2] == ["get", "job"]]
+  assert asked == ([] if flags else [["get", "job", "gpu-demo", "-n", "jaxjob",
+                                      "--ignore-not-found", "-o", "name"]])
+  assert [c[1] for c in calls if c[0] == "delete"] == (
+      ["job", "service"] if expected == "job" else ["jobset"])
+
+
+@pytest.mark.parametrize("flags, kind", [
+    (["--nodes=1"], "Job"), (["--nodes=2"], "JobSet"), (["--nodes=2", "--indexed-job"], "Job"),
+    (["--nodes=1", "--jobset"], "JobSet")])
+def test_several_nodes_are_a_jobset_by_default(flags, kind, capsys):
+  code, out, _ = launch(["render", "--name=demo", f"--image={REGISTRY}:v1",
+                         f"--workdir={BUCKET}/demo", *flags], capsys)
+  assert code == 0
+  assert [d["kind"] for d in yaml.safe_load_all(out)][-1] == kind
+
+
 def test_delete_removes_job_and_service(fake_kubectl, capsys):
   code, _, _ = launch(INVOCATIONS["delete-gpu"], capsys)
   assert code == 0
   assert _calls(fake_kubectl) == [
       ["delete", "job", "gpu-demo", "-n", "jaxjob", "--ignore-not-found", "--cascade=foreground"],
       ["delete", "service", "gpu-demo", "-n", "jaxjob", "--ignore-not-found"]]
+
+
+_PEER = """
+import sys, time
+import jax
+jax.config.update("jax_platforms", "cpu")
+index, address, init_timeout = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=index,
+                           coordinator_bind_address=address, heartbeat_timeout_seconds=10,
+                           initialization_timeout=init_timeout)
+from jax.experimental import multihost_utils
+print("joined", flush=True)
+for step in range(10**6):
+  multihost_utils.process_allgather(jax.numpy.array([step]))
+  if step == 3:
+    print("stepping", flush=True)
+  time.sleep(0.2)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_a_recreated_process_cannot_join_running_peers(tmp_path):
+  """What an Indexed Job does after one pod dies, on real JAX: the recreated process (same index)
+  is refused by the running coordination service, and the surviving peer aborts too (134): no
+  step is trained until every process starts again. The reason several nodes are a JobSet."""
+  script = tmp_path / "peer.py"
+  script.write_text(_PEER)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_FLAGS"))}
+
+  def start(index):
+    return subprocess.Popen([sys.executable, str(script), str(index), address, "20"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  first, second = start(0), start(1)
+  for proc in (first, second):
+    for line in proc.stdout:
+      if line.startswith("stepping"):
+        break
+  second.kill()  # The pod of index 1 dies (SIGKILL, 137) ...
+  second.wait()
+  again = start(1)  # ... and is recreated with the same index while index 0 still runs.
+  outputs = [proc.communicate(timeout=180)[0] for proc in (first, again)]
+  assert [first.returncode, again.returncode] == [-6, -6], outputs  # SIGABRT: exit code 134
+  assert "different incarnation" in outputs[0]
+  assert "stepping" not in outputs[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1033,7 +1120,8 @@ def test_rendered_job_trains_as_local_processes(capsys, tmp_path):
         assert entry["valueFrom"]["fieldRef"]["fieldPath"].endswith(f"['{k8s_render.INDEX_KEY}']")
         env[entry["name"]] = str(index)
     host = env["JAX_COORDINATOR_ADDRESS"].rsplit(":", 1)[0]
-    assert host == "rehearsal-0.rehearsal"  # What the headless Service resolves in-cluster.
+    # The default for 2 nodes is a JobSet; its headless Service resolves this name in-cluster.
+    assert host == "rehearsal-workers-0-0.rehearsal"
     env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{port}"
     procs.append(subprocess.Popen(command + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
