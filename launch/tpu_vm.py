@@ -82,11 +82,8 @@ def _check(value: str | None, pattern: re.Pattern, flag: str, expected: str) -> 
 
 
 def _name(value: str) -> str:
-  """Validates --name as an RFC 1123 label (a trailing newline included)."""
-  common.validate_name(value, "--name")
-  if _CONTROL.search(value):
-    raise common.UsageError(f"--name={value!r} is not a valid name: control character")
-  return value
+  """Validates --name as an RFC 1123 label."""
+  return common.validate_name(value, "--name")
 
 
 def _owner(args) -> str:
