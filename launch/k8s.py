@@ -90,10 +90,6 @@ def _check_job(args: argparse.Namespace) -> None:
                               f" {'8 or 500m' if flag == '--cpu' else '64Gi'}")
   if args.shm_size and args.accelerator != "gpu":
     raise common.UsageError(f"--shm-size applies to --accelerator=gpu, not {args.accelerator}")
-  if args.shm_size and args.memory and (
-      k8s_render.quantity(args.shm_size) >= k8s_render.quantity(args.memory)):
-    raise common.UsageError(f"--shm-size={args.shm_size} must be below --memory={args.memory}:"
-                            " /dev/shm pages count against the pod's memory limit")
   if args.num_slices > 1 and (args.indexed_job or args.accelerator != "tpu"):
     raise common.UsageError(f"--num-slices={args.num_slices} needs a JobSet and"
                             " --accelerator=tpu (one Job per slice)")
@@ -157,9 +153,12 @@ def _apply_verb(args: argparse.Namespace) -> int:
   if not args.wait:
     return 0
   try:
-    if args.logs:
-      k8s_logs.follow_when_started(args, _status_quiet)
+    if args.logs and k8s_logs.follow_when_started(args, _status_quiet) == 130:
+      return 130  # Ctrl-C while streaming: stop here (and delete, if asked).
     return _wait(args)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
   finally:
     if args.delete:
       _delete(args)

@@ -90,21 +90,25 @@ def logs(args: argparse.Namespace, follow: bool | None = None) -> int:
   return rc or (1 if missing > 0 else 0)
 
 
-def follow_when_started(args: argparse.Namespace, status) -> None:
+def follow_when_started(args: argparse.Namespace, status) -> int:
   """`apply --logs`: waits until every pod has started (or the job ended), then follows them.
 
   Args:
+    args: the checked flags of `apply`; `--timeout` bounds the wait for the pods too.
     status: `status(args)` returns the job's outcome code, 75 while it runs.
+
+  Returns:
+    The exit code of the log streams (130 after Ctrl-C).
   """
   if args.dry_run:
-    logs(args, follow=True)
-    return
+    return logs(args, follow=True)
+  deadline = time.monotonic() + args.timeout if args.timeout else None
   expected = args.nodes * args.num_slices
-  while True:
+  while deadline is None or time.monotonic() < deadline:
     proc = subprocess.run(get_pods_argv(args), capture_output=True, text=True, check=False)
     pods = newest_pods(json.loads(proc.stdout).get("items", [])) if proc.returncode == 0 else {}
     started = [p for p in pods.values() if p.get("status", {}).get("phase") in _STARTED]
     if len(started) >= expected or status(args) != 75:
       break
     time.sleep(args.poll_seconds)
-  logs(args, follow=True)
+  return logs(args, follow=True)

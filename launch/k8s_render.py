@@ -257,7 +257,11 @@ def _set_resources(job: dict, args: argparse.Namespace) -> None:
   resources["limits"]["memory"] = memory  # Over the request, the pod would be OOM-killed first.
   shm = [v for v in pod["volumes"] if v["name"] == "dshm"]
   if shm:
-    shm[0]["emptyDir"]["sizeLimit"] = args.shm_size or shm_default(memory)
+    size = args.shm_size or shm_default(memory)
+    if quantity(size) >= quantity(memory):
+      raise common.UsageError(f"--shm-size={size} must be below the pod's memory ({memory}):"
+                              " /dev/shm pages count against the memory limit")
+    shm[0]["emptyDir"]["sizeLimit"] = size
 
 
 def shm_default(memory: str) -> str:

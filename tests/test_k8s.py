@@ -508,7 +508,8 @@ def test_lifetime_restart_codes_and_slices(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--gpu-type=nvidia-tesla-t4", "--gpus-per-node=1"], "no default --cpu/--memory"),
-    (["--gpus-per-node=8", "--memory=16Gi", "--shm-size=16Gi"], "must be below --memory"),
+    (["--gpus-per-node=8", "--memory=16Gi", "--shm-size=16Gi"], "must be below the pod's memory"),
+    (["--gpu-type=nvidia-l4", "--gpus-per-node=1", "--shm-size=10Gi"], "(10Gi)"),
     (["--shm-size=1Gi"], "--shm-size applies to --accelerator=gpu"),
     (["--cpu=two"], "--cpu='two'"),
     (["--memory=8"], "--memory='8'"),
