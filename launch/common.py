@@ -147,10 +147,12 @@ def stream_prefixed(argvs: Sequence[Sequence[str]], labels: Sequence[str], *,
     for _, index, _, text in sorted(collected):
       out.write(f"{labels[index]} {text}\n")
     codes = [proc.wait() for proc in procs]
-  except KeyboardInterrupt:
+  except BaseException as e:  # Ctrl-C, or a deadline's exception: no stream outlives us.
     for proc in procs:
       proc.terminate()
-    return 130
+    if isinstance(e, KeyboardInterrupt):
+      return 130
+    raise
   return next((code for code in codes if code), 0)
 
 

@@ -64,7 +64,7 @@ _GS_PACKAGE = re.compile(r"^(gs://[^\[\]]+/([^/\[\]]+)\.(whl|tar\.gz))(\[[a-z0-9
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FLEX_START_MAX_SECONDS = 7 * 86400
 
-_TPUS = ["gcloud", "compute", "tpus"]
+TPUS = ["gcloud", "compute", "tpus"]
 _VENV = "$HOME/jaxjob-venv"
 _PYTHON = "3.12"  # pyproject's requires-python; the TPU images ship 3.10, so uv fetches it.
 _PLATFORM = "JAX_PLATFORMS=tpu"  # No TPU: fail at start instead of training on the CPU.
@@ -119,7 +119,7 @@ def runtime_version(accelerator_type: str) -> str:
   return RUNTIME_VERSIONS[generation]
 
 
-def _create_argvs(args) -> tuple[list[str], list[list[str]]]:
+def create_argvs(args) -> tuple[list[str], list[list[str]]]:
   """Returns (notes, argvs) for `create`; validates every flag first."""
   name = _name(args.name)
   where = _where(args)
@@ -142,7 +142,7 @@ def _create_argvs(args) -> tuple[list[str], list[list[str]]]:
       if value:
         raise common.UsageError(
             f"--{flag} needs --queued: gcloud offers it only for queued resources")
-    argv = [*_TPUS, "tpu-vm", "create", name, *where, f"--accelerator-type={accelerator}",
+    argv = [*TPUS, "tpu-vm", "create", name, *where, f"--accelerator-type={accelerator}",
             f"--version={version}", *(["--spot"] if args.spot else []), labels]
     return notes, [argv]
   return notes + _queued_notes(args), [_queued_create_argv(args, name, where, version, labels)]
@@ -155,10 +155,10 @@ def _queued_create_argv(args, name, where, version, labels) -> list[str]:
     raise common.UsageError(
         "--max-runtime and --flex-start go together: gcloud documents --max-run-duration for"
         " flex-start only, and a flex-start request needs its run duration")
-  if args.max_runtime and _seconds(args.max_runtime) > _FLEX_START_MAX_SECONDS:
+  if args.max_runtime and seconds(args.max_runtime) > _FLEX_START_MAX_SECONDS:
     raise common.UsageError(f"--max-runtime={args.max_runtime}: flex-start runs at most 7 days")
   alpha = args.max_runtime or args.flex_start  # Both exist only in the alpha track.
-  track = ["gcloud", "alpha", "compute", "tpus"] if alpha else _TPUS
+  track = ["gcloud", "alpha", "compute", "tpus"] if alpha else TPUS
   argv = [*track, "queued-resources", "create", name, *where, f"--node-id={name}",
           f"--accelerator-type={args.accelerator_type}", f"--runtime-version={version}"]
   argv += ["--spot"] if args.spot else []
@@ -170,7 +170,12 @@ def _queued_create_argv(args, name, where, version, labels) -> list[str]:
   return argv + [labels]
 
 
-def _seconds(duration: str) -> int:
+def check_duration(value: str, flag: str) -> str:
+  return _check(value, _DURATION, flag, "a duration such as 30m, 6h or 1d12h")
+
+
+def seconds(duration: str) -> int:
+  """A checked duration (`1d12h`, `30m`) in seconds."""
   units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
   return sum(int(n) * units[u] for n, u in re.findall(r"([0-9]+)([dhms])", duration))
 
@@ -290,7 +295,7 @@ def status_script(name: str, *, remote_dir: str = "/tmp") -> str:
   ]) + "\n"
 
 
-def _run_argvs(args) -> tuple[list[str], list[list[str]]]:
+def run_argvs(args) -> tuple[list[str], list[list[str]]]:
   name = _name(args.name)
   where = _where(args)
   workdir = common.validate_gcs_url(args.workdir)
@@ -300,7 +305,7 @@ def _run_argvs(args) -> tuple[list[str], list[list[str]]]:
   elif _CONTROL.search(args.pip_spec) or not args.pip_spec.strip():
     raise common.UsageError(f"--pip-spec={args.pip_spec!r}: expected one requirement line")
   script = run_script(name, workdir, trainer_args, image=args.image, pip_spec=args.pip_spec)
-  argv = [*_TPUS, "tpu-vm", "ssh", name, *where, "--worker=all", f"--command={script}"]
+  argv = [*TPUS, "tpu-vm", "ssh", name, *where, "--worker=all", f"--command={script}"]
   return [f"starts the trainer detached on every worker; follow it with `logs`"], [argv]
 
 
@@ -309,32 +314,32 @@ def _status_argvs(args) -> tuple[list[str], list[list[str]]]:
   if args.name is None:
     owner = _owner(args)
     return ([f"TPU VMs labelled jaxjob_owner={owner}, then every queued resource in the zone"],
-            [[*_TPUS, "tpu-vm", "list", *where, f"--filter=labels.jaxjob_owner={owner}",
+            [[*TPUS, "tpu-vm", "list", *where, f"--filter=labels.jaxjob_owner={owner}",
               "--format=table(name.basename(),state,acceleratorType.basename(),"
               "labels.jaxjob_run,createTime)"],
-             [*_TPUS, "queued-resources", "list", *where,
+             [*TPUS, "queued-resources", "list", *where,
               "--format=table(name.basename(),state.state,createTime)"]])
   name = _name(args.name)
-  argvs = [[*_TPUS, "queued-resources", "describe", name, *where,
+  argvs = [[*TPUS, "queued-resources", "describe", name, *where,
             "--format=value(state.state)"]] if args.queued else []
-  argvs.append([*_TPUS, "tpu-vm", "describe", name, *where,
+  argvs.append([*TPUS, "tpu-vm", "describe", name, *where,
                 "--format=value(state,health,acceleratorType.basename())"])
-  argvs.append([*_TPUS, "tpu-vm", "ssh", name, *where, "--worker=all",
+  argvs.append([*TPUS, "tpu-vm", "ssh", name, *where, "--worker=all",
                 f"--command={status_script(name)}"])
   return ["stops at the first command that fails (e.g. no TPU VM yet)"], argvs
 
 
-def _delete_argvs(args) -> tuple[list[str], list[list[str]]]:
+def delete_argvs(args) -> tuple[list[str], list[list[str]]]:
   name = _name(args.name)
   where = _where(args)
   if args.queued:
     return (["--force also deletes the TPU VM, in any state (SUSPENDED, FAILED, PREEMPTED)"],
-            [[*_TPUS, "queued-resources", "delete", name, *where, "--force", "--quiet"]])
+            [[*TPUS, "queued-resources", "delete", name, *where, "--force", "--quiet"]])
   return (["deletes the TPU VM in any state, PREEMPTED included"],
-          [[*_TPUS, "tpu-vm", "delete", name, *where, "--quiet"]])
+          [[*TPUS, "tpu-vm", "delete", name, *where, "--quiet"]])
 
 
-def _run(argv: list[str], dry_run: bool) -> int:
+def run_shown(argv: list[str], dry_run: bool) -> int:
   """common.run, but a dry run first shows an ssh --command script verbatim."""
   script = next((a[len("--command="):] for a in argv if a.startswith("--command=")), None)
   if dry_run and script is not None:
@@ -348,7 +353,7 @@ def _execute(notes: list[str], argvs: list[list[str]], dry_run: bool) -> int:
   for note in notes:
     print(f"# {note}", flush=True)
   for argv in argvs:
-    rc = _run(argv, dry_run)
+    rc = run_shown(argv, dry_run)
     if rc:
       return rc
   return 0
@@ -364,20 +369,21 @@ def stream_workers(argvs: Sequence[Sequence[str]], out=None) -> int:
   return common.stream_prefixed(argvs, labels, out=out)
 
 
-def _logs(args) -> int:
+def logs(args, out=None) -> int:
+  """The `logs` verb; `out` receives the `[worker N]` lines (default: stdout)."""
   name = _name(args.name)
   where = _where(args)
   if args.workers is not None and not 1 <= args.workers <= 4096:
     raise common.UsageError(f"--workers={args.workers}: expected 1 to 4096")
   script = logs_script(name, follow=args.follow)
-  ssh = [*_TPUS, "tpu-vm", "ssh", name, *where]
+  ssh = [*TPUS, "tpu-vm", "ssh", name, *where]
   command = f"--command={script}"
-  describe = [*_TPUS, "tpu-vm", "describe", name, *where, *_WORKER_ENDPOINTS]
+  describe = [*TPUS, "tpu-vm", "describe", name, *where, *_WORKER_ENDPOINTS]
   workers = args.workers
   if workers is None and args.dry_run:
     print("# one ssh per worker, as many as the describe lists; lines get [worker N]")
     common.run(describe, dry_run=True)
-    _run([*ssh, "--worker=0", command], dry_run=True)
+    run_shown([*ssh, "--worker=0", command], dry_run=True)
     return 0
   if workers is None:
     common.echo(describe, dry_run=False)
@@ -390,10 +396,10 @@ def _logs(args) -> int:
   print(f"# {workers} worker(s), in parallel; each line gets [worker N]", flush=True)
   for argv in argvs:
     if args.dry_run:
-      _run(argv, dry_run=True)
+      run_shown(argv, dry_run=True)
     else:
       common.echo(argv, dry_run=False)
-  return 0 if args.dry_run else stream_workers(argvs)
+  return 0 if args.dry_run else stream_workers(argvs, out=out)
 
 
 def _verb(builder):
@@ -409,6 +415,28 @@ def _add_common(parser: argparse.ArgumentParser, name_required: bool = True) -> 
                       help="print every command (and script) and run nothing")
 
 
+def add_create_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of `create` (and `launch`) but --max-runtime, whose meaning differs."""
+  parser.add_argument("--accelerator-type", required=True, help="e.g. v4-8, v5litepod-16")
+  parser.add_argument("--version", help="runtime version (default: from the accelerator)")
+  parser.add_argument("--spot", action="store_true", help="Spot VM: cheaper, preemptible")
+  parser.add_argument("--queued", action="store_true",
+                      help="create a queued resource (recommended): waits for capacity")
+  parser.add_argument("--valid-until-duration", help="queued: give up waiting after this")
+  parser.add_argument("--flex-start", action="store_true",
+                      help="queued: flex-start, up to 7 days (alpha; needs --max-runtime)")
+  parser.add_argument("--owner", help="owner label (default: $USER, sanitised)")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of `run` (and `launch`)."""
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--image", help="container image whose entrypoint is the trainer")
+  source.add_argument("--pip-spec", help="pip requirement for jaxjob, or gs://...whl[extras]")
+  parser.add_argument("--workdir", required=True, help="gs://BUCKET/PATH for the run")
+  parser.add_argument("trainer_args", nargs=argparse.REMAINDER, help="-- then trainer flags")
+
+
 def add_parser(subparsers) -> None:
   """Adds `tpu-vm` and its verbs to the `python -m launch` subparsers."""
   parser = subparsers.add_parser("tpu-vm", help="run the trainer on Cloud TPU VMs",
@@ -417,33 +445,21 @@ def add_parser(subparsers) -> None:
 
   create = verbs.add_parser("create", allow_abbrev=False, help="create a TPU VM")
   _add_common(create)
-  create.add_argument("--accelerator-type", required=True, help="e.g. v4-8, v5litepod-16")
-  create.add_argument("--version", help="runtime version (default: from the accelerator)")
-  create.add_argument("--spot", action="store_true", help="Spot VM: cheaper, preemptible")
-  create.add_argument("--queued", action="store_true",
-                      help="create a queued resource (recommended): waits for capacity")
-  create.add_argument("--valid-until-duration", help="queued: give up waiting after this")
+  add_create_flags(create)
   create.add_argument("--max-runtime", help="with --flex-start: delete the TPU after this (alpha)")
-  create.add_argument("--flex-start", action="store_true",
-                      help="queued: flex-start, up to 7 days (alpha; needs --max-runtime)")
-  create.add_argument("--owner", help="owner label (default: $USER, sanitised)")
-  create.set_defaults(func=_verb(_create_argvs))
+  create.set_defaults(func=_verb(create_argvs))
 
   run = verbs.add_parser("run", allow_abbrev=False, help="start the trainer on all workers")
   _add_common(run)
-  source = run.add_mutually_exclusive_group(required=True)
-  source.add_argument("--image", help="container image whose entrypoint is the trainer")
-  source.add_argument("--pip-spec", help="pip requirement for jaxjob, or gs://...whl[extras]")
-  run.add_argument("--workdir", required=True, help="gs://BUCKET/PATH for the run")
-  run.add_argument("trainer_args", nargs=argparse.REMAINDER, help="-- then trainer flags")
-  run.set_defaults(func=_verb(_run_argvs))
+  add_run_flags(run)
+  run.set_defaults(func=_verb(run_argvs))
 
-  logs = verbs.add_parser("logs", allow_abbrev=False, help="every worker's output")
-  _add_common(logs)
-  logs.add_argument("--workers", type=int, help="worker count (default: tpu-vm describe)")
-  logs.add_argument("--no-follow", dest="follow", action="store_false",
-                    help="print what is there and stop")
-  logs.set_defaults(func=_logs)
+  logs_parser = verbs.add_parser("logs", allow_abbrev=False, help="every worker's output")
+  _add_common(logs_parser)
+  logs_parser.add_argument("--workers", type=int, help="worker count (default: tpu-vm describe)")
+  logs_parser.add_argument("--no-follow", dest="follow", action="store_false",
+                           help="print what is there and stop")
+  logs_parser.set_defaults(func=logs)
 
   status = verbs.add_parser("status", allow_abbrev=False,
                             help="state of one run, or (without --name) the owner's TPUs")
@@ -456,4 +472,7 @@ def add_parser(subparsers) -> None:
   _add_common(delete)
   delete.add_argument("--queued", action="store_true",
                       help="delete the queued resource and its VM (--force)")
-  delete.set_defaults(func=_verb(_delete_argvs))
+  delete.set_defaults(func=_verb(delete_argvs))
+
+  from launch import tpu_vm_oneshot  # pylint: disable=g-import-not-at-top  (imports this module)
+  tpu_vm_oneshot.add_parser(verbs, _add_common)

@@ -69,7 +69,8 @@ PROFILES = {
     "gpu": ["--nodes=2", "--gpus-per-node=8"],
     "tpu": ["--accelerator=tpu", "--nodes=2"],
     "tpu-privileged": ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4", "--tpu-privileged"],
-    "tpu-pod-network": ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4", "--no-host-network"],
+    "tpu-pod-network": ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4",
+                        "--no-host-network"],
 }
 
 
@@ -176,7 +177,8 @@ def test_kubectl_kustomize_builds_offline_and_agrees_with_the_launcher(directory
                         capture_output=True, text=True, check=False, timeout=60)
   assert proc.returncode == 0, proc.stderr
   by_kubectl = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(proc.stdout)}
-  ours = {(d["kind"], d["metadata"]["name"]): d for d in k8s_render.kustomize(k8s_render.K8S_DIR / directory)}
+  ours = {(d["kind"], d["metadata"]["name"]): d
+          for d in k8s_render.kustomize(k8s_render.K8S_DIR / directory)}
   assert ours == by_kubectl
 
 
@@ -347,7 +349,8 @@ def test_docs_tpu_node_pool_can_write_to_the_bucket():
   flags = dict(a.split("=", 1) for a in tpu_pool if a.startswith("--") and "=" in a)
   assert "cloud-platform" in flags["--scopes"].split(",")
   account = flags["--service-account"]
-  grants = [c for c in commands if c[:4] == ["gcloud", "storage", "buckets", "add-iam-policy-binding"]
+  grants = [c for c in commands
+            if c[:4] == ["gcloud", "storage", "buckets", "add-iam-policy-binding"]
             and f"--member=serviceAccount:{account}" in c]
   assert grants and "--role=roles/storage.objectUser" in grants[0]
   for pool in pools:  # Workload Identity on every pool, for the pods off the host network.

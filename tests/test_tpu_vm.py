@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 
 from launch import __main__ as launch_main
-from launch import common, tpu_vm
+from launch import common, tpu_vm, tpu_vm_oneshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden" / "tpu_vm"
@@ -68,6 +68,13 @@ INVOCATIONS = {
     "status_orphans": ["status", "--zone=us-east5-b", "--project=my-project"],
     "delete_v4": ["delete", *_V4],
     "delete_v6e_queued": ["delete", *_V6E, "--queued"],
+    "launch_v4_image": ["launch", *_V4, "--accelerator-type=v4-8", "--spot", "--max-runtime=6h",
+                        _IMAGE, "--workdir=gs://my-bucket/runs/demo-v4", "--",
+                        "--config=trainer/configs/breast_cancer.py"],
+    "launch_v6e_queued_keep": ["launch", *_V6E, "--accelerator-type=v6e-16", "--queued", "--spot",
+                               "--valid-until-duration=6h", "--keep", _IMAGE,
+                               "--workdir=gs://my-bucket/runs/demo-v6e", "--",
+                               "--config=trainer/configs/mobile_price.py"],
 }
 
 _GCLOUD_ENV = {
@@ -93,6 +100,7 @@ def cli(argv, capsys, user="alice"):
   """Runs `python -m launch tpu-vm ARGV` in-process; returns (code, stdout, stderr)."""
   with mock.patch.object(common, "subprocess", _NoSubprocess()), \
        mock.patch.object(tpu_vm, "subprocess", _NoSubprocess()), \
+       mock.patch.object(tpu_vm_oneshot, "subprocess", _NoSubprocess()), \
        mock.patch.dict(os.environ, {"USER": user}):
     return _cli(argv, capsys)
 
@@ -461,3 +469,129 @@ def test_walkthrough_uses_only_tested_invocations():
   assert len(commands) >= 10
   for argv in commands:
     assert [a for a in argv if a != "--dry-run"] in tested, shlex.join(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# `launch`: the one-shot flow against a fake gcloud on PATH (real subprocesses, real argv).
+
+_FAKE_GCLOUD = f"""#!{sys.executable}
+import json, os, pathlib, sys, time
+state = pathlib.Path(os.environ["FAKE_GCLOUD_DIR"])
+argv = sys.argv[1:]
+with open(state / "calls.jsonl", "a") as f:
+  f.write(json.dumps(argv) + "\\n")
+verb = [a for a in argv if not a.startswith("-")][:5]
+def read(name, default):
+  path = state / name
+  return path.read_text() if path.exists() else default
+if verb[2:4] == ["tpu-vm", "describe"] and "--format=value(state)" in argv:
+  if not (state / "exists").exists():
+    sys.exit("ERROR: NOT_FOUND")
+  print("READY")
+elif verb[2:4] == ["tpu-vm", "describe"]:
+  print("10.0.0.1\\n10.0.0.2")
+elif verb[2:4] == ["queued-resources", "describe"]:
+  states = read("queued", "ACTIVE").split()
+  n = len(list(state.glob("qr-*")))
+  (state / f"qr-{{n}}").write_text("")
+  print(states[min(n, len(states) - 1)])
+elif verb[2:4] == ["tpu-vm", "ssh"] and "--worker=all" in argv:
+  sys.exit(int(read("run_rc", "0")))
+elif verb[2:4] == ["tpu-vm", "ssh"]:
+  worker = int([a for a in argv if a.startswith("--worker=")][0].split("=")[1])
+  print("step 1", flush=True)
+  time.sleep(float(read("sleep", "0")))
+  print("jaxjob: trainer exited with code " + read("codes", "0 0").split()[worker])
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+  bin_dir, state = tmp_path / "bin", tmp_path / "state"
+  bin_dir.mkdir()
+  state.mkdir()
+  (bin_dir / "gcloud").write_text(_FAKE_GCLOUD)
+  (bin_dir / "gcloud").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_GCLOUD_DIR", str(state))
+  monkeypatch.setenv("USER", "alice")
+
+  def calls():
+    lines = (state / "calls.jsonl").read_text().splitlines()
+    return [[a for a in json.loads(line) if not a.startswith("--command=")] for line in lines]
+
+  return state, calls
+
+
+def _verbs(calls):
+  """Each call as `tpu-vm create`, `queued-resources delete`, `tpu-vm ssh --worker=all`, ..."""
+  named = []
+  for argv in calls:
+    words = [a for a in argv if not a.startswith("-")]
+    worker = [a for a in argv if a.startswith("--worker=")]
+    named.append(" ".join(words[2:4] + worker))
+  return named
+
+
+def _launch(capsys, *extra, name="launch_v4_image"):
+  argv = INVOCATIONS[name]
+  split = argv.index("--")
+  return _cli(argv[:split] + list(extra) + argv[split:], capsys)
+
+
+def test_launch_creates_runs_follows_and_deletes(fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "codes").write_text("0 3")
+  code, out, _ = _launch(capsys)
+  assert code == 3  # the first non-zero trainer exit code of any worker
+  assert "[worker 1] jaxjob: trainer exited with code 3" in out.splitlines()
+  verbs = _verbs(calls())
+  assert verbs[:4] == ["tpu-vm describe", "tpu-vm create", "tpu-vm ssh --worker=all",
+                       "tpu-vm describe"]
+  assert sorted(verbs[4:6]) == ["tpu-vm ssh --worker=0", "tpu-vm ssh --worker=1"]
+  assert verbs[6:] == ["tpu-vm delete"]
+
+
+def test_launch_reuses_an_existing_vm_and_keeps_it(fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "exists").write_text("")
+  code, out, _ = _launch(capsys)
+  assert code == 0 and "reused" in out
+  assert "tpu-vm create" not in _verbs(calls()) and "tpu-vm delete" not in _verbs(calls())
+
+
+@pytest.mark.parametrize("extra, deleted", [([], True), (["--keep"], False)])
+def test_launch_deletes_after_a_failed_start_unless_kept(extra, deleted, fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "run_rc").write_text("255")  # ssh could not reach the workers
+  code, _, _ = _launch(capsys, *extra)
+  assert code == 255
+  assert ("tpu-vm delete" in _verbs(calls())) == deleted
+
+
+def test_launch_max_runtime_holds_without_flex_start(fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "sleep").write_text("60")  # the trainer would run for a minute
+  started = time.monotonic()
+  argv = [a if a != "--max-runtime=6h" else "--max-runtime=3s"
+          for a in INVOCATIONS["launch_v4_image"]]
+  code, _, err = _cli(argv, capsys)
+  assert code == tpu_vm_oneshot.TIMED_OUT and "--max-runtime=3s reached" in err
+  assert time.monotonic() - started < 30
+  assert _verbs(calls())[-1] == "tpu-vm delete"
+
+
+@pytest.mark.parametrize("states, code, expected_last", [
+    ("WAITING_FOR_RESOURCES PROVISIONING ACTIVE", 0, "queued-resources delete"),
+    ("WAITING_FOR_RESOURCES FAILED", 1, "queued-resources delete"),
+])
+def test_launch_waits_for_the_queued_resource(states, code, expected_last, fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "queued").write_text(states)
+  argv = [a for a in INVOCATIONS["launch_v6e_queued_keep"] if a != "--keep"]
+  split = argv.index("--")
+  result, _, _ = _cli(argv[:split] + ["--poll-seconds=0.1"] + argv[split:], capsys)
+  assert result == code
+  verbs = _verbs(calls())
+  assert verbs.count("queued-resources describe") == len(states.split())
+  assert verbs[-1] == expected_last
