@@ -373,6 +373,21 @@ def test_platform_and_driver_environment(capsys):
   assert not {"JAX_PLATFORMS", "LD_LIBRARY_PATH", "XLA_FLAGS"} & set(env_of(container))
 
 
+@pytest.mark.parametrize("flags, known", [(None, True), ("--xla_gpu_no_such_flag=true", False)])
+def test_gpu_xla_flags_are_known_to_this_jaxlib(flags, known, capsys):
+  """XLA aborts at start on a flag it does not know, on any backend: a renamed flag in the GPU
+  overlay would kill every GPU pod. The CPU build of jaxlib parses the same flag table."""
+  _, _, container = job_parts(rendered(capsys, "--nodes=2", "--gpus-per-node=8"))
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env.update(XLA_FLAGS=flags or env_of(container)["XLA_FLAGS"], JAX_PLATFORMS="cpu",
+             XLA_PYTHON_CLIENT_MEM_FRACTION=env_of(container)["XLA_PYTHON_CLIENT_MEM_FRACTION"])
+  proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.jit(lambda x: x + 1)(1))"],
+                        env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert (proc.returncode == 0) == known, proc.stderr[-500:]
+  if not known:
+    assert "Unknown flag in XLA_FLAGS" in proc.stderr
+
+
 def _placements(affinity: dict, job: str, pools: dict[str, int], placed: dict[str, list[str]],
                 pods: int) -> set[tuple[str, ...]]:
   """Every way the scheduler may place `pods` pods of `job`, one by one, under inter-pod affinity.
