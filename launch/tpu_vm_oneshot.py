@@ -94,6 +94,9 @@ def launch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGALRM, previous)
     if created and not args.keep:
       common.run(delete, dry_run=False)
+    elif created:
+      print(f"# kept {args.name}: `python -m launch tpu-vm status --zone={args.zone}"
+            f" --project={args.project}` lists what is left running", flush=True)
 
 
 def _raise_deadline(signum, frame):

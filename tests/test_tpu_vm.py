@@ -589,9 +589,10 @@ def test_launch_reuses_an_existing_vm_and_keeps_it(fake_gcloud, capsys):
 def test_launch_deletes_after_a_failed_start_unless_kept(extra, deleted, fake_gcloud, capsys):
   state, calls = fake_gcloud
   (state / "run_rc").write_text("255")  # ssh could not reach the workers
-  code, _, _ = _launch(capsys, *extra)
+  code, out, _ = _launch(capsys, *extra)
   assert code == 255
   assert ("tpu-vm delete" in _verbs(calls())) == deleted
+  assert ("lists what is left running" in out) == (not deleted)
 
 
 def test_launch_max_runtime_holds_without_flex_start(fake_gcloud, capsys):
