@@ -209,13 +209,13 @@ def jobset_validator():
   return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
 
 
-def _validate(doc: dict, jobset_validator) -> None:
+def validate(doc: dict, jobset_validator) -> None:
   if doc["kind"] == "JobSet":
     errors = [f"{list(e.path)}: {e.message}" for e in jobset_validator.iter_errors(doc)]
     assert not errors, errors[:5]
     # The embedded Job must also be a valid batch/v1 Job (its fields are checked by the API).
     for replicated in doc["spec"]["replicatedJobs"]:
-      _validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"},
+      validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"},
                  "spec": replicated["template"]["spec"]}, jobset_validator)
     return
   for version in K8S_VERSIONS:
@@ -228,18 +228,18 @@ def test_rendered_objects_validate_against_schemas(profile, jobset, capsys, jobs
   docs = rendered(capsys, *PROFILES[profile], jobset=jobset)
   assert [d["kind"] for d in docs] == (["JobSet"] if jobset else ["Service", "Job"])
   for doc in docs:
-    _validate(doc, jobset_validator)
+    validate(doc, jobset_validator)
 
 
 def test_schema_checks_can_fail(capsys, jobset_validator):
   docs = rendered(capsys, "--nodes=2")
   docs[1]["spec"]["template"]["spec"]["containers"][0]["bogusField"] = 1
   with pytest.raises(kubernetes_validate.ValidationError):
-    _validate(docs[1], jobset_validator)
+    validate(docs[1], jobset_validator)
   (jobset,) = rendered(capsys, "--nodes=2", jobset=True)
   jobset["spec"]["failurePolicy"]["rules"][0]["action"] = "RestartForever"
   with pytest.raises(AssertionError):
-    _validate(jobset, jobset_validator)
+    validate(jobset, jobset_validator)
 
 
 @pytest.mark.parametrize("jobset", [False, True], ids=["job", "jobset"])

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from launch import common, k8s_render
-from tests.test_k8s import (BUCKET, CONFIG, REGISTRY, ROOT, env_of, job_parts, launch,
-                            pss_violations, rendered)
+from tests.test_k8s import (BUCKET, CONFIG, REGISTRY, ROOT, env_of, job_parts, jobset_validator,
+                            launch, pss_violations, rendered, validate)
 
 
 
@@ -212,6 +212,19 @@ def test_resources_and_shared_memory(capsys):
   _, pod, container = job_parts(rendered(capsys, "--nodes=2"))
   assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
   assert [v["name"] for v in pod["volumes"]] == ["tmp"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4", "--num-slices=2", "--jobset"],
+    ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4", "--indexed-job"],
+    ["--gpus-per-node=2", "--gpu-type=nvidia-tesla-t4", "--cpu=8", "--memory=30Gi", "--jobset"],
+], ids=["multislice", "tpu-affinity", "gpu-explicit-resources"])
+def test_preflight_renders_validate(flags, capsys, jobset_validator):  # pylint: disable=redefined-outer-name
+  code, out, err = launch(["render", "--name=demo", f"--image={REGISTRY}:v1",
+                           f"--workdir={BUCKET}/demo", *flags], capsys)
+  assert code == 0, err
+  for doc in yaml.safe_load_all(out):
+    validate(doc, jobset_validator)
 
 
 def test_lifetime_restart_codes_and_slices(capsys):
