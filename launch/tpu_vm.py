@@ -11,11 +11,13 @@ in which every user value (image, pip spec, workdir, trainer flags) goes through
 `shlex.quote`; it starts the trainer detached on every worker (`nohup`, output in
 `/tmp/jaxjob-NAME.log`, exit code in `/tmp/jaxjob-NAME.exit`), either as
 `sudo docker run IMAGE <trainer flags>` (`--image`) or as `python -m trainer` from a
-Python 3.11 venv that `uv` creates and fills with `--pip-spec` (a PEP 508 spec such as
+Python 3.12 venv that `uv` creates and fills with `--pip-spec` (a PEP 508 spec such as
 `jaxjob[tpu] @ git+https://...`, or a `gs://.../*.whl[extras]` copied with
-`gcloud storage cp`). `logs` runs one `tpu-vm ssh --worker=N` per worker in parallel and
-prefixes each line with `[worker N]` here; the worker count comes from `--workers` or
-from `tpu-vm describe`. No JAX_* variables are set: on a TPU VM the trainer's
+`gcloud storage cp`). Both set `JAX_PLATFORMS=tpu` (and each `--env NAME=VALUE`), so a
+worker whose TPU cannot be opened fails at start instead of training on its CPU. `logs` runs one
+`tpu-vm ssh --worker=N` per worker in parallel and prefixes each line with `[worker N]`
+here; the worker count comes from `--workers` or from `tpu-vm describe`. No other JAX_*
+variables are set: on a TPU VM the trainer's
 `jax.distributed.initialize()` finds its peers from the VM metadata.
 
 Examples:
@@ -27,8 +29,8 @@ Examples:
 
 Common issues: a queued resource is usable only once `status` shows it ACTIVE; a spot VM
 that was preempted must be deleted (`delete`) before it is created again, or it keeps
-its quota; `--max-runtime` exists only for queued resources (alpha
-`--max-run-duration`, documented by Google for flex-start).
+its quota; `--max-runtime` exists only with `--queued --flex-start` (alpha
+`--max-run-duration`, which gcloud documents for flex-start only).
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 
 from launch import common
@@ -59,14 +60,16 @@ _PROJECT = re.compile(r"^([a-z][-a-z0-9.]{0,61}[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a
 _VERSION = re.compile(r"^[a-z0-9][-a-z0-9._]{0,127}$")
 _DURATION = re.compile(r"^([0-9]{1,6}[dhms]){1,4}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{1,63}$")
-_IMAGE = re.compile(r"^[a-z0-9][-a-z0-9._/:]*(:[A-Za-z0-9_.-]{1,128})?(@sha256:[0-9a-f]{64})?$")
-_GS_URL = re.compile(r"^gs://[a-z0-9][-a-z0-9._]{1,220}[a-z0-9](/[^\s\x00-\x1f\x7f]*)?$")
 _GS_PACKAGE = re.compile(r"^(gs://[^\[\]]+/([^/\[\]]+)\.(whl|tar\.gz))(\[[a-z0-9_,-]+\])?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FLEX_START_MAX_SECONDS = 7 * 86400
 
-_TPUS = ["gcloud", "compute", "tpus"]
+TPUS = ["gcloud", "compute", "tpus"]
 _VENV = "$HOME/jaxjob-venv"
-_PYTHON = "3.11"  # pyproject's requires-python; the TPU images ship 3.10, so uv fetches it.
+_PYTHON = "3.12"  # pyproject's requires-python; the TPU images ship 3.10, so uv fetches it.
+# No TPU: fail at start instead of training on the CPU. `run --env=JAX_PLATFORMS=...` replaces it.
+_DEFAULT_ENV = {"JAX_PLATFORMS": "tpu"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _METADATA = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
              "agent-worker-number")
 _WORKER_ENDPOINTS = ["--flatten=networkEndpoints[]",
@@ -81,11 +84,8 @@ def _check(value: str | None, pattern: re.Pattern, flag: str, expected: str) -> 
 
 
 def _name(value: str) -> str:
-  """Validates --name as an RFC 1123 label (a trailing newline included)."""
-  common.validate_name(value, "--name")
-  if _CONTROL.search(value):
-    raise common.UsageError(f"--name={value!r} is not a valid name: control character")
-  return value
+  """Validates --name as an RFC 1123 label."""
+  return common.validate_name(value, "--name")
 
 
 def _owner(args) -> str:
@@ -121,7 +121,7 @@ def runtime_version(accelerator_type: str) -> str:
   return RUNTIME_VERSIONS[generation]
 
 
-def _create_argvs(args) -> tuple[list[str], list[list[str]]]:
+def create_argvs(args) -> tuple[list[str], list[list[str]]]:
   """Returns (notes, argvs) for `create`; validates every flag first."""
   name = _name(args.name)
   where = _where(args)
@@ -144,7 +144,7 @@ def _create_argvs(args) -> tuple[list[str], list[list[str]]]:
       if value:
         raise common.UsageError(
             f"--{flag} needs --queued: gcloud offers it only for queued resources")
-    argv = [*_TPUS, "tpu-vm", "create", name, *where, f"--accelerator-type={accelerator}",
+    argv = [*TPUS, "tpu-vm", "create", name, *where, f"--accelerator-type={accelerator}",
             f"--version={version}", *(["--spot"] if args.spot else []), labels]
     return notes, [argv]
   return notes + _queued_notes(args), [_queued_create_argv(args, name, where, version, labels)]
@@ -153,8 +153,14 @@ def _create_argvs(args) -> tuple[list[str], list[list[str]]]:
 def _queued_create_argv(args, name, where, version, labels) -> list[str]:
   if args.spot and args.flex_start:
     raise common.UsageError("--spot and --flex-start exclude each other")
+  if bool(args.max_runtime) != bool(args.flex_start):
+    raise common.UsageError(
+        "--max-runtime and --flex-start go together: gcloud documents --max-run-duration for"
+        " flex-start only, and a flex-start request needs its run duration")
+  if args.max_runtime and seconds(args.max_runtime) > _FLEX_START_MAX_SECONDS:
+    raise common.UsageError(f"--max-runtime={args.max_runtime}: flex-start runs at most 7 days")
   alpha = args.max_runtime or args.flex_start  # Both exist only in the alpha track.
-  track = ["gcloud", "alpha", "compute", "tpus"] if alpha else _TPUS
+  track = ["gcloud", "alpha", "compute", "tpus"] if alpha else TPUS
   argv = [*track, "queued-resources", "create", name, *where, f"--node-id={name}",
           f"--accelerator-type={args.accelerator_type}", f"--runtime-version={version}"]
   argv += ["--spot"] if args.spot else []
@@ -166,10 +172,20 @@ def _queued_create_argv(args, name, where, version, labels) -> list[str]:
   return argv + [labels]
 
 
+def check_duration(value: str, flag: str) -> str:
+  return _check(value, _DURATION, flag, "a duration such as 30m, 6h or 1d12h")
+
+
+def seconds(duration: str) -> int:
+  """A checked duration (`1d12h`, `30m`) in seconds."""
+  units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+  return sum(int(n) * units[u] for n, u in re.findall(r"([0-9]+)([dhms])", duration))
+
+
 def _queued_notes(args) -> list[str]:
   notes = []
   if args.max_runtime:
-    notes.append("--max-runtime is alpha --max-run-duration (documented for flex-start)")
+    notes.append("--max-runtime is alpha --max-run-duration: flex-start deletes the TPU after it")
   return notes + ["the TPU VM exists once `status --queued` shows the queued resource ACTIVE"]
 
 
@@ -212,7 +228,7 @@ def _docker_lines(name: str, image: str) -> list[str]:
 
 def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
                image: str | None = None, pip_spec: str | None = None,
-               remote_dir: str = "/tmp") -> str:
+               env: dict[str, str] | None = None, remote_dir: str = "/tmp") -> str:
   """Returns the shell script `run` executes on every worker (fixed template).
 
   Every user value is passed through `shlex.quote`. The trainer command is written to
@@ -222,6 +238,7 @@ def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
   """
   files = _remote_files(name, remote_dir)
   trainer = [*trainer_args, f"--workdir={workdir}"]
+  env = {**_DEFAULT_ENV, **(env or {})}
   lines = [
       "set -eu",
       f'if [ -f {files["pid"]} ] && kill -0 "$(cat {files["pid"]})" 2>/dev/null; then'
@@ -231,14 +248,16 @@ def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
   if image is not None:
     lines += _docker_lines(name, image)
     command = shlex.join(["sudo", "docker", "run", f"--name=jaxjob-{name}", "--privileged",
-                          "--net=host", "--init", image, *trainer])
+                          "--net=host", "--init", *(f"--env={k}={v}" for k, v in env.items()),
+                          image, *trainer])
   else:
     lines += _pip_lines(name, pip_spec, remote_dir)
     # Run from the directory holding the installed package, so that
     # --config=trainer/configs/X.py means the same file as in a checkout.
     python = f'"{_VENV}/bin/python"'
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())  # Names checked.
     command = (f'cd "$({python} -c "import os, trainer; print(os.path.dirname('
-               f'os.path.dirname(trainer.__file__)))")" && {python} -m trainer '
+               f'os.path.dirname(trainer.__file__)))")" && {assignments} {python} -m trainer '
                + shlex.join(trainer))
   lines += [
       f'cat > {files["sh"]} << "JAXJOB_EOF"',
@@ -281,24 +300,31 @@ def status_script(name: str, *, remote_dir: str = "/tmp") -> str:
   ]) + "\n"
 
 
-def _run_argvs(args) -> tuple[list[str], list[list[str]]]:
+def _env(pairs: Sequence[str] | None) -> dict[str, str]:
+  """`--env NAME=VALUE` flags as a dict; raises UsageError on a bad name or value."""
+  env = {}
+  for pair in pairs or ():
+    key, sep, value = pair.partition("=")
+    if not sep or not _ENV_NAME.fullmatch(key) or _CONTROL.search(value):
+      raise common.UsageError(f"--env={pair!r}: expected NAME=VALUE, NAME of letters, digits"
+                              " and '_', VALUE without control characters")
+    env[key] = value
+  return env
+
+
+def run_argvs(args) -> tuple[list[str], list[list[str]]]:
   name = _name(args.name)
   where = _where(args)
-  workdir = _check(args.workdir, _GS_URL, "--workdir", "gs://BUCKET/PATH without spaces")
-  trainer_args = list(args.trainer_args)
-  if trainer_args[:1] == ["--"]:
-    trainer_args = trainer_args[1:]
-  for arg in trainer_args:
-    if _CONTROL.search(arg):
-      raise common.UsageError(f"trainer flag {arg!r}: control characters (newlines) are refused")
-    if arg.startswith("--workdir"):
-      raise common.UsageError(f"{arg!r}: pass the workdir once, as --workdir before --")
+  workdir = common.validate_gcs_url(args.workdir)
+  trainer_args = common.trainer_args(args.trainer_args)
   if args.image is not None:
-    _check(args.image, _IMAGE, "--image", "an image reference such as REGISTRY/REPO:TAG")
+    common.validate_image(args.image)
   elif _CONTROL.search(args.pip_spec) or not args.pip_spec.strip():
     raise common.UsageError(f"--pip-spec={args.pip_spec!r}: expected one requirement line")
-  script = run_script(name, workdir, trainer_args, image=args.image, pip_spec=args.pip_spec)
-  argv = [*_TPUS, "tpu-vm", "ssh", name, *where, "--worker=all", f"--command={script}"]
+  env = _env(args.env)
+  script = run_script(name, workdir, trainer_args, image=args.image, pip_spec=args.pip_spec,
+                      env=env)
+  argv = [*TPUS, "tpu-vm", "ssh", name, *where, "--worker=all", f"--command={script}"]
   return [f"starts the trainer detached on every worker; follow it with `logs`"], [argv]
 
 
@@ -307,32 +333,32 @@ def _status_argvs(args) -> tuple[list[str], list[list[str]]]:
   if args.name is None:
     owner = _owner(args)
     return ([f"TPU VMs labelled jaxjob_owner={owner}, then every queued resource in the zone"],
-            [[*_TPUS, "tpu-vm", "list", *where, f"--filter=labels.jaxjob_owner={owner}",
+            [[*TPUS, "tpu-vm", "list", *where, f"--filter=labels.jaxjob_owner={owner}",
               "--format=table(name.basename(),state,acceleratorType.basename(),"
               "labels.jaxjob_run,createTime)"],
-             [*_TPUS, "queued-resources", "list", *where,
+             [*TPUS, "queued-resources", "list", *where,
               "--format=table(name.basename(),state.state,createTime)"]])
   name = _name(args.name)
-  argvs = [[*_TPUS, "queued-resources", "describe", name, *where,
+  argvs = [[*TPUS, "queued-resources", "describe", name, *where,
             "--format=value(state.state)"]] if args.queued else []
-  argvs.append([*_TPUS, "tpu-vm", "describe", name, *where,
+  argvs.append([*TPUS, "tpu-vm", "describe", name, *where,
                 "--format=value(state,health,acceleratorType.basename())"])
-  argvs.append([*_TPUS, "tpu-vm", "ssh", name, *where, "--worker=all",
+  argvs.append([*TPUS, "tpu-vm", "ssh", name, *where, "--worker=all",
                 f"--command={status_script(name)}"])
   return ["stops at the first command that fails (e.g. no TPU VM yet)"], argvs
 
 
-def _delete_argvs(args) -> tuple[list[str], list[list[str]]]:
+def delete_argvs(args) -> tuple[list[str], list[list[str]]]:
   name = _name(args.name)
   where = _where(args)
   if args.queued:
     return (["--force also deletes the TPU VM, in any state (SUSPENDED, FAILED, PREEMPTED)"],
-            [[*_TPUS, "queued-resources", "delete", name, *where, "--force", "--quiet"]])
+            [[*TPUS, "queued-resources", "delete", name, *where, "--force", "--quiet"]])
   return (["deletes the TPU VM in any state, PREEMPTED included"],
-          [[*_TPUS, "tpu-vm", "delete", name, *where, "--quiet"]])
+          [[*TPUS, "tpu-vm", "delete", name, *where, "--quiet"]])
 
 
-def _run(argv: list[str], dry_run: bool) -> int:
+def run_shown(argv: list[str], dry_run: bool) -> int:
   """common.run, but a dry run first shows an ssh --command script verbatim."""
   script = next((a[len("--command="):] for a in argv if a.startswith("--command=")), None)
   if dry_run and script is not None:
@@ -346,7 +372,7 @@ def _execute(notes: list[str], argvs: list[list[str]], dry_run: bool) -> int:
   for note in notes:
     print(f"# {note}", flush=True)
   for argv in argvs:
-    rc = _run(argv, dry_run)
+    rc = run_shown(argv, dry_run)
     if rc:
       return rc
   return 0
@@ -358,49 +384,28 @@ def stream_workers(argvs: Sequence[Sequence[str]], out=None) -> int:
   Returns:
     0 when every command exited 0, else the first non-zero exit code (130 on Ctrl-C).
   """
-  out = out or sys.stdout
-  lock = threading.Lock()
-  procs = [subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace") for argv in argvs]
-
-  def pump(worker: int, proc: subprocess.Popen) -> None:
-    for line in proc.stdout:
-      with lock:
-        out.write(f"[worker {worker}] {line.rstrip(chr(10))}\n")
-        out.flush()
-
-  threads = [threading.Thread(target=pump, args=(i, p), daemon=True)
-             for i, p in enumerate(procs)]
-  for thread in threads:
-    thread.start()
-  try:
-    for thread in threads:
-      thread.join()
-    codes = [proc.wait() for proc in procs]
-  except KeyboardInterrupt:
-    for proc in procs:
-      proc.terminate()
-    return 130
-  return next((code for code in codes if code), 0)
+  labels = [f"[worker {i}]" for i in range(len(argvs))]
+  return common.stream_prefixed(argvs, labels, out=out)
 
 
-def _logs(args) -> int:
+def logs(args, out=None) -> int:
+  """The `logs` verb; `out` receives the `[worker N]` lines (default: stdout)."""
   name = _name(args.name)
   where = _where(args)
   if args.workers is not None and not 1 <= args.workers <= 4096:
     raise common.UsageError(f"--workers={args.workers}: expected 1 to 4096")
   script = logs_script(name, follow=args.follow)
-  ssh = [*_TPUS, "tpu-vm", "ssh", name, *where]
+  ssh = [*TPUS, "tpu-vm", "ssh", name, *where]
   command = f"--command={script}"
-  describe = [*_TPUS, "tpu-vm", "describe", name, *where, *_WORKER_ENDPOINTS]
+  describe = [*TPUS, "tpu-vm", "describe", name, *where, *_WORKER_ENDPOINTS]
   workers = args.workers
   if workers is None and args.dry_run:
     print("# one ssh per worker, as many as the describe lists; lines get [worker N]")
     common.run(describe, dry_run=True)
-    _run([*ssh, "--worker=0", command], dry_run=True)
+    run_shown([*ssh, "--worker=0", command], dry_run=True)
     return 0
   if workers is None:
-    print("+ " + common.format_argv(describe), flush=True)
+    common.echo(describe, dry_run=False)
     proc = subprocess.run(describe, capture_output=True, text=True, check=False)
     workers = len([line for line in proc.stdout.splitlines() if line.strip()])
     if proc.returncode or not workers:
@@ -410,10 +415,10 @@ def _logs(args) -> int:
   print(f"# {workers} worker(s), in parallel; each line gets [worker N]", flush=True)
   for argv in argvs:
     if args.dry_run:
-      _run(argv, dry_run=True)
+      run_shown(argv, dry_run=True)
     else:
-      print("+ " + common.format_argv(argv), flush=True)
-  return 0 if args.dry_run else stream_workers(argvs)
+      common.echo(argv, dry_run=False)
+  return 0 if args.dry_run else stream_workers(argvs, out=out)
 
 
 def _verb(builder):
@@ -429,6 +434,30 @@ def _add_common(parser: argparse.ArgumentParser, name_required: bool = True) -> 
                       help="print every command (and script) and run nothing")
 
 
+def add_create_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of `create` (and `launch`) but --max-runtime, whose meaning differs."""
+  parser.add_argument("--accelerator-type", required=True, help="e.g. v4-8, v5litepod-16")
+  parser.add_argument("--version", help="runtime version (default: from the accelerator)")
+  parser.add_argument("--spot", action="store_true", help="Spot VM: cheaper, preemptible")
+  parser.add_argument("--queued", action="store_true",
+                      help="create a queued resource (recommended): waits for capacity")
+  parser.add_argument("--valid-until-duration", help="queued: give up waiting after this")
+  parser.add_argument("--flex-start", action="store_true",
+                      help="queued: flex-start, up to 7 days (alpha; needs --max-runtime)")
+  parser.add_argument("--owner", help="owner label (default: $USER, sanitised)")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of `run` (and `launch`)."""
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--image", help="container image whose entrypoint is the trainer")
+  source.add_argument("--pip-spec", help="pip requirement for jaxjob, or gs://...whl[extras]")
+  parser.add_argument("--workdir", required=True, help="gs://BUCKET/PATH for the run")
+  parser.add_argument("--env", action="append", metavar="NAME=VALUE",
+                      help="a variable for the trainer, repeatable (default: JAX_PLATFORMS=tpu)")
+  parser.add_argument("trainer_args", nargs=argparse.REMAINDER, help="-- then trainer flags")
+
+
 def add_parser(subparsers) -> None:
   """Adds `tpu-vm` and its verbs to the `python -m launch` subparsers."""
   parser = subparsers.add_parser("tpu-vm", help="run the trainer on Cloud TPU VMs",
@@ -437,33 +466,21 @@ def add_parser(subparsers) -> None:
 
   create = verbs.add_parser("create", allow_abbrev=False, help="create a TPU VM")
   _add_common(create)
-  create.add_argument("--accelerator-type", required=True, help="e.g. v4-8, v5litepod-16")
-  create.add_argument("--version", help="runtime version (default: from the accelerator)")
-  create.add_argument("--spot", action="store_true", help="Spot VM: cheaper, preemptible")
-  create.add_argument("--queued", action="store_true",
-                      help="create a queued resource (recommended): waits for capacity")
-  create.add_argument("--valid-until-duration", help="queued: give up waiting after this")
-  create.add_argument("--max-runtime", help="queued: delete the TPU after this (alpha)")
-  create.add_argument("--flex-start", action="store_true",
-                      help="queued: flex-start provisioning (alpha; use with --max-runtime)")
-  create.add_argument("--owner", help="owner label (default: $USER, sanitised)")
-  create.set_defaults(func=_verb(_create_argvs))
+  add_create_flags(create)
+  create.add_argument("--max-runtime", help="with --flex-start: delete the TPU after this (alpha)")
+  create.set_defaults(func=_verb(create_argvs))
 
   run = verbs.add_parser("run", allow_abbrev=False, help="start the trainer on all workers")
   _add_common(run)
-  source = run.add_mutually_exclusive_group(required=True)
-  source.add_argument("--image", help="container image whose entrypoint is the trainer")
-  source.add_argument("--pip-spec", help="pip requirement for jaxjob, or gs://...whl[extras]")
-  run.add_argument("--workdir", required=True, help="gs://BUCKET/PATH for the run")
-  run.add_argument("trainer_args", nargs=argparse.REMAINDER, help="-- then trainer flags")
-  run.set_defaults(func=_verb(_run_argvs))
+  add_run_flags(run)
+  run.set_defaults(func=_verb(run_argvs))
 
-  logs = verbs.add_parser("logs", allow_abbrev=False, help="every worker's output")
-  _add_common(logs)
-  logs.add_argument("--workers", type=int, help="worker count (default: tpu-vm describe)")
-  logs.add_argument("--no-follow", dest="follow", action="store_false",
-                    help="print what is there and stop")
-  logs.set_defaults(func=_logs)
+  logs_parser = verbs.add_parser("logs", allow_abbrev=False, help="every worker's output")
+  _add_common(logs_parser)
+  logs_parser.add_argument("--workers", type=int, help="worker count (default: tpu-vm describe)")
+  logs_parser.add_argument("--no-follow", dest="follow", action="store_false",
+                           help="print what is there and stop")
+  logs_parser.set_defaults(func=logs)
 
   status = verbs.add_parser("status", allow_abbrev=False,
                             help="state of one run, or (without --name) the owner's TPUs")
@@ -476,4 +493,7 @@ def add_parser(subparsers) -> None:
   _add_common(delete)
   delete.add_argument("--queued", action="store_true",
                       help="delete the queued resource and its VM (--force)")
-  delete.set_defaults(func=_verb(_delete_argvs))
+  delete.set_defaults(func=_verb(delete_argvs))
+
+  from launch import tpu_vm_oneshot  # pylint: disable=g-import-not-at-top  (imports this module)
+  tpu_vm_oneshot.add_parser(verbs, _add_common)

