@@ -19,6 +19,7 @@ No engine here and JAXJOB_SKIP_CONTAINER_TESTS=1: skipped; no engine without it:
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -69,6 +70,9 @@ def gcs():
   server.close()
 
 
+_COMMITTED = re.compile(r".*/checkpoints/(\d+)/commit_success\.txt")
+
+
 class Job:
   """The pods of one rendered Indexed Job, run as containers named NAME-INDEX."""
 
@@ -110,7 +114,8 @@ class Job:
 
   def committed(self) -> list[int]:
     names = self.gcs.list(BUCKET, f"{self.run}/checkpoints/")
-    return sorted(int(n.split("/")[-2]) for n in names if n.endswith("/commit_success.txt"))
+    # Orbax marks a committed step on GCS with <step>/commit_success.txt.
+    return sorted(int(m.group(1)) for m in map(_COMMITTED.fullmatch, names) if m)
 
   def wait_for_commit(self, step: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
@@ -302,7 +307,9 @@ def test_tpu_vm_run_starts_the_image_and_logs_and_status_find_it(image, gcs, reg
                       "--config.train.steps=60", path=path)
     assert started.returncode == 0, started.stdout + started.stderr
     deadline = time.monotonic() + 300
-    while not os.path.exists(files["exit"]):
+    # Finished: the exit file is written, and the detached `sh` that wrote it has ended.
+    while not os.path.exists(files["exit"]) or os.path.exists(
+        f"/proc/{open(files['pid']).read().strip()}"):
       assert time.monotonic() < deadline, open(files["log"]).read()[-3000:]
       time.sleep(0.5)
     logs = _tpu_vm("logs", name, "--workers=1", "--no-follow", path=path)
