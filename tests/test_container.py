@@ -85,6 +85,9 @@ class Job:
          *args], cwd=ROOT, capture_output=True, text=True, check=True)
     (job,) = [d for d in yaml.safe_load_all(rendered.stdout) if d["kind"] == "Job"]
     self.pod = job["spec"]["template"]["spec"]
+    rules = job["spec"].get("podFailurePolicy", {}).get("rules", [])
+    self.fail_job_codes = {code for rule in rules if rule["action"] == "FailJob"
+                           for code in rule.get("onExitCodes", {}).get("values", [])}
     self.started: list[str] = []
 
   def start(self) -> None:
@@ -246,6 +249,9 @@ def test_docker_kill_of_one_container_ends_the_other_within_the_heartbeat_bound(
   elapsed = time.monotonic() - killed
   print(f"rank 1 killed: rank 0 exited {code} after {elapsed:.1f} s")
   assert code != 0 and job.wait(1) == 137
+  # The survivor's death must be one the Job restarts (here: JAX aborts on the failed
+  # shutdown barrier, 134 or 139), not a code its podFailurePolicy fails the Job on.
+  assert job.fail_job_codes and code not in job.fail_job_codes, job.logs(0)[-3000:]
   assert elapsed < HEARTBEAT_BOUND_S, job.logs(0)[-3000:]
 
 
