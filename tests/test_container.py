@@ -50,10 +50,13 @@ HEARTBEAT_BOUND_S = 30  # heartbeat_timeout=10 s above, with room for a loaded m
 def image():
   try:
     container.engine()
+    missing = None
   except container.Unavailable as e:
-    if os.environ.get(container.SKIP_VARIABLE) == "1":
-      pytest.skip(str(e))
-    pytest.fail(str(e), pytrace=False)
+    missing = str(e)
+  if missing and os.environ.get(container.SKIP_VARIABLE) == "1":
+    pytest.skip(missing)
+  if missing:
+    pytest.fail(missing, pytrace=False)  # One line, no traceback.
   started = time.monotonic()
   base = container.base_image()
   tag, seconds = container.trainer_image(base)
@@ -353,3 +356,17 @@ def test_accelerator_extra_resolves_in_the_image(image, accelerator, package):
   report = json.loads(proc.stdout)
   names = {item["metadata"]["name"] for item in report["install"]}
   assert package in names, sorted(names)
+
+
+@pytest.mark.parametrize("skip, outcome", [("", "1 error"), ("1", "1 skipped")])
+def test_without_an_engine_one_line_fails_or_the_variable_skips(skip, outcome):
+  # PATH holds only this Python: no docker, no dockerd, no apt-get to install them.
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfs",
+       "tests/test_container.py", "-k", "rendered_pod"], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, check=False,
+      env={**os.environ, "PATH": os.path.dirname(sys.executable),
+           container.SKIP_VARIABLE: skip})
+  assert outcome in proc.stdout, proc.stdout[-3000:]
+  assert "no Docker engine: `docker info` fails and dockerd is not installed" in proc.stdout
+  assert "Traceback" not in proc.stdout and "During handling" not in proc.stdout
