@@ -95,15 +95,18 @@ def engine() -> None:
   if os.geteuid() != 0:
     raise Unavailable("no Docker engine answers and starting dockerd needs root"
                       f" (start it, or set {SKIP_VARIABLE}=1)")
-  log = open(tempfile.mkstemp(prefix="dockerd-", suffix=".log")[1], "w")  # pylint: disable=consider-using-with
-  subprocess.Popen(ENGINE_ARGS, stdout=log, stderr=subprocess.STDOUT,
+  descriptor, log = tempfile.mkstemp(prefix="dockerd-", suffix=".log")
+  # The engine outlives the tests on purpose: the next run finds it and its image cache.
+  # pylint: disable-next=consider-using-with
+  subprocess.Popen(ENGINE_ARGS, stdout=descriptor, stderr=subprocess.STDOUT,
                    stdin=subprocess.DEVNULL, start_new_session=True)
+  os.close(descriptor)
   deadline = time.monotonic() + 90
   while time.monotonic() < deadline:
     if _engine_answers():
       return
     time.sleep(1)
-  raise Unavailable(f"dockerd did not answer within 90 s (log: {log.name};"
+  raise Unavailable(f"dockerd did not answer within 90 s (log: {log};"
                     f" set {SKIP_VARIABLE}=1 to skip)")
 
 
