@@ -34,7 +34,9 @@ from tests import container
 from tests import gcs_emulator
 from tests.conftest import DATA_DIR, ROOT
 
-pytestmark = [pytest.mark.slow]
+# Whichever test comes first also waits for the base image and the build (up to ~10 min
+# with nothing cached on 2 loaded cores); every wait inside a test has its own bound.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 BUCKET = "jaxjob-ct"
 DATA = "/data/mobile-price/train.csv"
 STEPS, EVERY = 600, 100
@@ -163,7 +165,6 @@ def test_rendered_pod_runs_as_the_manifest_says(image, gcs, jobs):
     container.pod_run_flags(job.pod, index=0, coordinator="127.0.0.1:1")
 
 
-@pytest.mark.timeout(600)
 def test_tutorial_job_in_one_container(image, gcs, jobs):
   args = ["--config=trainer/configs/mobile_price.py", f"--config.data.path={DATA}"]
   job = jobs(image, gcs, 1, args, "tutorial")
@@ -197,7 +198,6 @@ def reference(image, gcs):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
 def test_two_containers_form_one_job_equal_to_launch_local(reference, tmp_path):
   # Same topology here: 2 processes of 1 CPU device each (the pods set no
   # JAXJOB_DEVICES_PER_PROCESS, so each container has JAX's one CPU device).
@@ -213,7 +213,6 @@ def test_two_containers_form_one_job_equal_to_launch_local(reference, tmp_path):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
 def test_docker_stop_exits_42_in_grace_and_fresh_containers_resume(reference, image, gcs,
                                                                   jobs):
   job = jobs(image, gcs, 2, JOB_ARGS, "stopped")
@@ -239,7 +238,6 @@ def test_docker_stop_exits_42_in_grace_and_fresh_containers_resume(reference, im
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
 def test_docker_kill_of_one_container_ends_the_other_within_the_heartbeat_bound(
     image, gcs, jobs):
   args = [a.replace(f"steps={STEPS}", "steps=100000") for a in JOB_ARGS]
@@ -290,7 +288,6 @@ def _tpu_vm(verb: str, name: str, *args: str, path: str) -> subprocess.Completed
       env={**os.environ, "PATH": path}, check=False)
 
 
-@pytest.mark.timeout(900)
 def test_tpu_vm_run_starts_the_image_and_logs_and_status_find_it(image, gcs, registry,
                                                                   tmp_path):
   # On a TPU VM the VM's identity reaches GCS; here the emulator's address is baked into a
@@ -338,7 +335,6 @@ def test_tpu_vm_run_starts_the_image_and_logs_and_status_find_it(image, gcs, reg
   assert container.docker("image", "inspect", pushed, check=False).returncode == 0
 
 
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize("accelerator, package", [("cuda12", "jax-cuda12-plugin"),
                                                   ("tpu", "libtpu")])
 def test_accelerator_extra_resolves_in_the_image(image, accelerator, package):
