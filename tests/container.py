@@ -83,6 +83,20 @@ def _install(*packages: str) -> None:
                  capture_output=True, check=False, timeout=900)
 
 
+def tool(binary: str, package: str, purpose: str) -> str:
+  """The path of `binary`, installing Debian's `package` first if it is missing.
+
+  Raises:
+    Unavailable: it is still missing (not root, or no apt-get).
+  """
+  if shutil.which(binary) is None:
+    _install(package)
+  path = shutil.which(binary)
+  if path is None:
+    raise Unavailable(f"{binary} is missing (apt-get install {package}): {purpose}")
+  return path
+
+
 def engine() -> None:
   """Makes sure a Docker engine answers. Raises Unavailable with one line if none can."""
   if _engine_answers():
@@ -135,11 +149,7 @@ def base_image() -> str:
   tag = f"jaxjob-test-base:{base_key()}"
   if docker("image", "inspect", tag, check=False).returncode == 0:
     return tag
-  if shutil.which("debootstrap") is None:
-    _install("debootstrap")
-  if shutil.which("debootstrap") is None:
-    raise Unavailable("debootstrap is missing (apt-get install debootstrap): it makes the"
-                      " local base image")
+  tool("debootstrap", "debootstrap", "it makes the local base image")
   with tempfile.TemporaryDirectory(prefix="jaxjob-base-", dir="/var/tmp") as work:
     root = pathlib.Path(work) / "root"
     proc = subprocess.run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}",
@@ -276,12 +286,7 @@ class Registry:
     return f"127.0.0.1:{self.port}"
 
   def start(self) -> "Registry":
-    binary = shutil.which("docker-registry")
-    if binary is None:
-      _install("docker-registry")
-      binary = shutil.which("docker-registry")
-    if binary is None:
-      raise Unavailable("docker-registry is missing (apt-get install docker-registry)")
+    binary = tool("docker-registry", "docker-registry", "the registry the TPU VM script pulls from")
     config = pathlib.Path(self._dir.name) / "config.yml"
     config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
                       f"    rootdirectory: {self._dir.name}/data\nhttp:\n  addr: {self.host}\n")

@@ -180,6 +180,16 @@ def test_tutorial_job_in_one_container(image, gcs, jobs):
   assert job.file("run.json")["starts"][-1]["exit"]["code"] == 0
 
 
+def test_the_manifests_own_arguments_run_in_the_image(image, gcs, jobs):
+  # Rendered without trainer flags, the pod keeps k8s/base's args (--config=trainer/configs/
+  # default.py): that path must exist in the image's working directory.
+  job = jobs(image, gcs, 1, [], "default")
+  assert job.pod["containers"][0]["args"][0] == "--config=trainer/configs/default.py"
+  job.start()
+  assert job.wait(0) == 0, job.logs(0)[-3000:]
+  assert job.file("summary.json")["config"] == "default"
+
+
 @pytest.fixture(scope="module")
 def reference(image, gcs):
   """The rendered 2-node job as 2 containers, uninterrupted: (params_sha256, seconds)."""
@@ -292,6 +302,7 @@ def test_tpu_vm_run_starts_the_image_and_logs_and_status_find_it(image, gcs, reg
                                                                   tmp_path):
   # On a TPU VM the VM's identity reaches GCS; here the emulator's address is baked into a
   # one-layer image on top of the one under test (the script's `docker run` takes no -e).
+  container.tool("sudo", "sudo", "the TPU VM script runs `sudo docker`")
   pushed = f"{registry.host}/jaxjob:cpu-rehearsal"
   env_lines = "".join(f"ENV {k}={v}\n" for k, v in gcs_emulator.env(gcs.url, "/x").items()
                       if k != "CLOUDSDK_CONFIG")
@@ -322,6 +333,8 @@ def test_tpu_vm_run_starts_the_image_and_logs_and_status_find_it(image, gcs, reg
     status = _tpu_vm("status", name, path=path)
   finally:
     container.docker("rm", "--force", f"jaxjob-{name}", check=False)
+    pulled = container.docker("image", "inspect", pushed, check=False).returncode == 0
+    container.docker("rmi", pushed, check=False)
     for file in files.values():
       if os.path.exists(file):
         os.remove(file)
@@ -332,7 +345,7 @@ def test_tpu_vm_run_starts_the_image_and_logs_and_status_find_it(image, gcs, reg
   summary = json.loads(gcs.download(BUCKET, "tpu-vm/summary.json"))
   assert summary["final_step"] == 60
   # The tag was removed after the push: the script's own `sudo docker pull` brought it back.
-  assert container.docker("image", "inspect", pushed, check=False).returncode == 0
+  assert pulled
 
 
 @pytest.mark.parametrize("accelerator, package", [("cuda12", "jax-cuda12-plugin"),
