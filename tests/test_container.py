@@ -180,6 +180,20 @@ def test_tutorial_job_in_one_container(image, gcs, jobs):
   assert job.file("run.json")["starts"][-1]["exit"]["code"] == 0
 
 
+def test_image_imports_every_dependency_and_holds_no_test_suites(image):
+  # The Dockerfile cuts the packages' own tests/ directories; what the trainer imports
+  # (pyproject's dependencies, by import name) must still import on the read-only root.
+  script = ("import jax, optax, flax, orbax.checkpoint, ml_collections, absl, numpy, pandas,"
+            " sklearn, matplotlib, tensorboardX, etils.epath, gcsfs, google.cloud.storage, tqdm,"
+            " sklearn.linear_model, scipy.stats, trainer.train; print(jax.default_backend())")
+  proc = container.docker("run", "--rm", "--network=none", "--read-only", "--tmpfs=/tmp",
+                          "--entrypoint=python", image, "-c", script)
+  assert proc.stdout.strip() == "cpu"
+  left = container.docker("run", "--rm", "--network=none", "--entrypoint=find", image,
+                          "/opt/venv/lib", "-type", "d", "-path", "*/site-packages/*/tests")
+  assert left.stdout == ""
+
+
 def test_the_manifests_own_arguments_run_in_the_image(image, gcs, jobs):
   # Rendered without trainer flags, the pod keeps k8s/base's args (--config=trainer/configs/
   # default.py): that path must exist in the image's working directory.
