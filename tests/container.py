@@ -57,6 +57,8 @@ class Unavailable(Exception):
 def docker(*args: str, timeout: float = 600, check: bool = True,
            **kwargs) -> subprocess.CompletedProcess:
   """Runs `docker ARGS` and returns the CompletedProcess (text, captured output)."""
+  # The classic builder: BuildKit would fetch the Dockerfile's `# syntax=` frontend from
+  # Docker Hub, which is not reachable here.
   env = {**os.environ, "DOCKER_BUILDKIT": "0", **kwargs.pop("env", {})}
   proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
                         env=env, check=False, **kwargs)
