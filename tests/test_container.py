@@ -86,7 +86,8 @@ class Job:
     self.image, self.gcs, self.nodes, self.run = image, gcs, nodes, run
     rendered = subprocess.run(
         [sys.executable, "-m", "launch", "k8s", "render", f"--name={self.name}",
-         f"--nodes={nodes}", f"--image={image}", f"--workdir=gs://{BUCKET}/{run}", "--",
+         "--indexed-job", f"--nodes={nodes}", f"--image={image}",
+         f"--workdir=gs://{BUCKET}/{run}", "--",
          *args], cwd=ROOT, capture_output=True, text=True, check=True)
     (job,) = [d for d in yaml.safe_load_all(rendered.stdout) if d["kind"] == "Job"]
     self.pod = job["spec"]["template"]["spec"]
@@ -333,8 +334,9 @@ def test_tpu_vm_run_starts_the_image_and_logs_and_status_find_it(image, gcs, reg
   name = f"ct-{uuid.uuid4().hex[:8]}"
   files = {k: f"/tmp/jaxjob-{name}.{k}" for k in ("log", "exit", "pid", "sh")}
   try:
+    # The script sets JAX_PLATFORMS=tpu unless told otherwise: this rehearsal runs on the CPU.
     started = _tpu_vm("run", name, f"--image={pushed}", f"--workdir=gs://{BUCKET}/tpu-vm",
-                      "--", "--config=trainer/configs/breast_cancer.py",
+                      "--env=JAX_PLATFORMS=cpu", "--", "--config=trainer/configs/breast_cancer.py",
                       "--config.train.steps=60", path=path)
     assert started.returncode == 0, started.stdout + started.stderr
     deadline = time.monotonic() + 300
