@@ -123,6 +123,27 @@ def config(name: str, **overrides) -> ml_collections.ConfigDict:
                                                      for k, v in values.items()}})
 
 
+def explain_override(config_path: str, key: str, name: str | None = None) -> str:
+  """Why `--config.model.KEY=...` cannot apply to the config file at `config_path`.
+
+  Overrides only change keys the config file has (ml_collections cannot add one from the
+  command line); `models.config(name, ...)` in the file gives every key the model takes.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_jaxjob_config", config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  name = name or module.get_config().model.name
+  accepted = {k for k in registry.accepted_keys(registry.resolve("model", name))
+              if k != "num_outputs"}
+  if key not in accepted:
+    return (f"config.model.{key}: model {name!r} takes no such key; it accepts"
+            f" {', '.join(sorted(accepted)) or 'none'}")
+  return (f"config.model.{key}: model {name!r} takes it, but {config_path} does not set it;"
+          f" overrides change only keys the config file has (set config.model with"
+          f" models.config({name!r}, ...), which lists every key)")
+
+
 def _config_value(value):
   return tuple(value) if isinstance(value, list) else value
 
