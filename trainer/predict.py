@@ -75,11 +75,22 @@ def predict(config, stats: dict, variables, x: np.ndarray) -> np.ndarray:
     x = (x - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
   task, dataset = task_of(config, stats)
   model = models.create(config.model, task.num_outputs(dataset))
+  params, model_state = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
+  variables = _conform({"params": params, **(model_state or {})}, variables)
 
   def one_example(features):  # [d] -> [outputs]
     return model.eval_apply(variables, features)
 
   return np.asarray(jax.jit(jax.vmap(one_example))(x))
+
+
+def _conform(template, loaded):
+  """`loaded` (a checkpoint read without a target: every key a string) shaped like
+  `template`, whose keys may be integers (e.g. an NNX module's list of layers)."""
+  if isinstance(template, dict):
+    return {k: _conform(v, loaded[k] if k in loaded else loaded[str(k)])
+            for k, v in template.items()}
+  return loaded
 
 
 def main(argv):
