@@ -214,7 +214,7 @@ def test_python_api_takes_objects_and_user_hooks(tmp_path):
       config, str(tmp_path / "objects"), model=NoisyNormNet(10, rate=0.1),
       dataset=example_data.digits(seed=0), task=example_task.DigitsTask(), hooks=[count])
   assert count.calls == [(25, 25), (50, 50), (60, 60)]
-  assert summary["eval"]["accuracy"] > 0.8 and "balanced_accuracy" in summary["eval"]
+  assert summary["eval"]["accuracy"] > 0.6 and "balanced_accuracy" in summary["eval"]  # chance: 0.1
   assert "model_state_sha256" in summary
 
 
