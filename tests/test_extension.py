@@ -301,3 +301,16 @@ def test_example_two_processes_kill_9_resume_bit_identical_and_predict(tmp_path)
   predicted = pd.read_csv(tmp_path / "p.csv")
   assert list(predicted.columns[:2]) == ["label", "p_0"]
   assert np.mean(predicted["label"].to_numpy() == digits.target[:300]) > 0.9
+
+
+def test_example_dockerfile_lints_clean_and_extends_the_jaxjob_image():
+  dockerfile = EXAMPLE_DIR / "Dockerfile"
+  hadolint = os.path.join(os.path.dirname(sys.executable), "hadolint")
+  proc = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style",
+                         str(dockerfile)], capture_output=True, text=True, check=False)
+  assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+  text = dockerfile.read_text()
+  # FROM the jaxjob image, the package beside trainer/ on its PYTHONPATH, the user restored.
+  assert "FROM ${JAXJOB_IMAGE}" in text and "COPY digits_example/ /app/digits_example/" in text
+  assert text.rstrip().splitlines()[-1] == "USER 10001:10001"
+  assert "PYTHONPATH=/app" in (ROOT / "Dockerfile").read_text()
