@@ -59,9 +59,10 @@ class Model:
 
   def init(self, rng, x) -> tuple[Any, Any]:
     """(params, model_state) for an example input; model_state is None when stateless."""
-    params_rng, dropout_rng = jax.random.split(rng)
-    variables = dict(self.module.init({"params": params_rng, "dropout": dropout_rng}, x,
-                                      **self._train_kwargs(False)))
+    # `rng` itself is the params stream (as in `module.init(rng, x)`), so a model without
+    # dropout initialises exactly as it always did.
+    rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
+    variables = dict(self.module.init(rngs, x, **self._train_kwargs(False)))
     params = variables.pop("params")
     return params, (variables or None)
 
