@@ -314,3 +314,23 @@ def test_example_dockerfile_lints_clean_and_extends_the_jaxjob_image():
   assert "FROM ${JAXJOB_IMAGE}" in text and "COPY digits_example/ /app/digits_example/" in text
   assert text.rstrip().splitlines()[-1] == "USER 10001:10001"
   assert "PYTHONPATH=/app" in (ROOT / "Dockerfile").read_text()
+
+
+def test_batch_statistics_cover_every_device_under_both_strategies():
+  from trainer import report  # pylint: disable=g-import-not-at-top
+  from trainer.loop import Loop  # pylint: disable=g-import-not-at-top
+  means = {}
+  for strategy in ("sharding", "pmap"):
+    config = tiny_config(parallel__strategy=strategy, optimizer__schedule="constant")
+    job = train.build(config, model=NoisyNormNet(10))
+    state = job.strategy.to_device(job.state)
+    batch = Loop(job, None, report.Reporter(None), inject_faults=False).batch(0)
+    new, _ = job.step_fn(state, batch)
+    mean = np.asarray(new.model_state["batch_stats"]["BatchNorm_0"]["mean"])
+    if strategy == "pmap":  # one copy per device, identical after the pmean
+      assert mean.shape[0] == 8 and all(np.array_equal(m, mean[0]) for m in mean)
+      mean = mean[0]
+    means[strategy] = mean
+  assert np.abs(means["sharding"]).max() > 1e-3  # the statistics moved
+  # The mean of 8 per-device batch means is the global batch mean.
+  np.testing.assert_allclose(means["pmap"], means["sharding"], atol=1e-6)
