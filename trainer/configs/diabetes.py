@@ -2,7 +2,7 @@
 
     python -m trainer --config=trainer/configs/diabetes.py
 
-No download; about 20 s on 2 CPU cores; held-out R² about 0.33 (LinearRegression on the
+No download; about 15 s on 2 CPU cores; held-out R² about 0.33 (LinearRegression on the
 same split: 0.33). The target is standardised on the training split; the loss is MSE, and the
 report (eval/report.json, summary.json) gives MAE, RMSE and R² in the target's units,
 with plots/predicted_vs_actual.png. A linear model (an MLP without hidden layers), like
