@@ -50,18 +50,9 @@ def kernels(params):
       lambda path, p: jax.tree_util.keystr(path).endswith("['kernel']"), params)
 
 
-_MASKS = {"matrices": matrices, "all": all_params, "kernels": kernels}
-
-
 def weight_decay_mask(config):
   """The `params -> pytree of bools` function `config.optimizer.weight_decay_mask` names."""
-  name = config.optimizer.weight_decay_mask
-  if name in _MASKS:
-    return _MASKS[name]
-  if ":" not in str(name):
-    raise UserError(f"config.optimizer.weight_decay_mask={name!r}: expected one of"
-                    f" {', '.join(_MASKS)} or an importable module:attribute")
-  return registry.resolve("optimizer", name)
+  return registry.resolve("weight_decay_mask", config.optimizer.weight_decay_mask)
 
 
 def make(config) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -1,6 +1,6 @@
 """One way to find a component: a built-in name, or `module:attribute` for anything importable.
 
-Models, data sources, tasks and optimisers are all resolved here, the built-in ones
+Models, data sources, tasks, optimisers and weight-decay masks are all resolved here, the built-in ones
 exactly as a user's: `resolve("model", "mlp")` looks the name up in `BUILTIN`, and
 `resolve("model", "mypkg.model:ResNetTiny")` imports `mypkg.model` and returns its
 `ResNetTiny`. A component's keyword arguments are its configuration: `accepted_keys`
@@ -43,11 +43,17 @@ BUILTIN: dict[str, dict[str, str]] = {
         "adam": "trainer.optimizers:adam",
         "adamw": "trainer.optimizers:adamw",
     },
+    "weight_decay_mask": {
+        "matrices": "trainer.optimizers:matrices",
+        "all": "trainer.optimizers:all_params",
+        "kernels": "trainer.optimizers:kernels",
+    },
 }
 
 # Where each kind is named in a config, for error messages.
 _FIELD = {"model": "config.model.name", "data": "config.data.source", "task": "config.task",
-          "optimizer": "config.optimizer.name"}
+          "optimizer": "config.optimizer.name",
+          "weight_decay_mask": "config.optimizer.weight_decay_mask"}
 
 REQUIRED = inspect.Parameter.empty  # an accepted key without a default
 
