@@ -334,3 +334,50 @@ def test_batch_statistics_cover_every_device_under_both_strategies():
   assert np.abs(means["sharding"]).max() > 1e-3  # the statistics moved
   # The mean of 8 per-device batch means is the global batch mean.
   np.testing.assert_allclose(means["pmap"], means["sharding"], atol=1e-6)
+
+
+class _Rows:
+  """A random-access source; `batched` adds `__getitems__` returning one stacked dict."""
+
+  def __init__(self, n, batched=False):
+    self.x = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    self.y = (np.arange(n) % 2).astype(np.int32)
+    if batched:
+      self.__getitems__ = lambda idx: {"x": self.x[idx], "y": self.y[idx]}
+
+  def __len__(self):
+    return len(self.y)
+
+  def __getitem__(self, i):
+    return {"x": self.x[i], "y": self.y[i]}
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_random_access_sources_read_like_arrays(batched):
+  ds = data.from_sources(_Rows(20, batched), _Rows(6), class_names=["a", "b"],
+                         feature_names=["f0", "f1", "f2"])
+  assert ds.train_x is None and ds.num_train == 20 and ds.test_x.shape == (6, 3)
+  idx = data.process_batch_indices(0, 3, 8, ds.num_train, 1, 2)
+  batch = ds.train_batch(idx)
+  np.testing.assert_array_equal(batch["x"], _Rows(20).x[idx])
+  np.testing.assert_array_equal(batch["y"], _Rows(20).y[idx])
+  assert ds.example_x().shape == (1, 3)
+  with pytest.raises(UserError, match="rows must be dicts with 'x' and 'y'"):
+    data.from_sources(_Rows(4), [{"features": np.zeros(3)}])
+
+
+@pytest.mark.slow
+def test_example_model_keys_override_from_the_command_line(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_trainer([f"--config={EXAMPLE_CONFIG}", "--config.model.hidden=32",
+                      "--config.model.depth=1", "--config.train.steps=30",
+                      "--config.train.eval_every=30", "--config.train.checkpoint_every=30",
+                      f"--workdir={workdir}"], env=ENV, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  model = json.loads((workdir / "run.json").read_text())["config"]["model"]
+  assert model["hidden"] == 32 and model["depth"] == 1
+  from trainer import checkpoint  # pylint: disable=g-import-not-at-top
+  _, state = checkpoint.load_latest(workdir / "checkpoints")
+  assert sorted(state["params"]["layers"]) == ["0"]
+  assert state["params"]["head"]["kernel"].shape == (32, 10)
+  assert set(state["model_state"]["batch_stats"]["norms"]) == {"0"}
