@@ -381,3 +381,16 @@ def test_example_model_keys_override_from_the_command_line(tmp_path):
   assert sorted(state["params"]["layers"]) == ["0"]
   assert state["params"]["head"]["kernel"].shape == (32, 10)
   assert set(state["model_state"]["batch_stats"]["norms"]) == {"0"}
+
+
+def test_resume_check_covers_the_models_own_keys(tmp_path):
+  from trainer import runinfo  # pylint: disable=g-import-not-at-top
+  from trainer import storage  # pylint: disable=g-import-not-at-top
+  recorded = _example()
+  storage.write_json(tmp_path / "run.json", {"config": json.loads(recorded.to_json())})
+  runinfo.check_resume_config(str(tmp_path), _example(), allow_change=False)
+  with pytest.raises(UserError, match=r"model.hidden: 128 -> 64"):
+    runinfo.check_resume_config(str(tmp_path), _example(model__hidden=64), allow_change=False)
+  with pytest.raises(UserError, match=r"data.test_fraction: 0.2 -> 0.3"):
+    runinfo.check_resume_config(str(tmp_path), _example(data__test_fraction=0.3),
+                                allow_change=False)
