@@ -42,17 +42,22 @@ class Faults:
       x[0, 0] = float("nan")
     return x
 
+  def maybe_hang(self, rank: int, step: int) -> None:
+    if self.hang.get(rank) == step:
+      while True:
+        time.sleep(3600)
+
 
 class _Hang(hooks.Hook):
+  """Before each step: process R sleeps for good at step S (the watchdog's stack dump
+  shows `maybe_hang`)."""
 
-  def __init__(self, hang: dict[int, int]):
-    self._hang = hang
+  def __init__(self, faults: Faults):
+    self._faults = faults
 
   def before_step(self, loop, step, state):
     import jax  # pylint: disable=g-import-not-at-top
-    if self._hang.get(jax.process_index()) == step:
-      while True:
-        time.sleep(3600)
+    self._faults.maybe_hang(jax.process_index(), step)
 
 
 class _SlowEval(hooks.Hook):
@@ -72,7 +77,7 @@ def install(loop, spec: str | None = None) -> None:
   """Adds the faults `JAXJOB_FAULTS` (or `spec`) asks for to a `train.Loop`."""
   faults = Faults(spec)
   if faults.hang:
-    loop.hooks.insert(0, _Hang(faults.hang))
+    loop.hooks.insert(0, _Hang(faults))
   if faults.eval_sleep:
     at = next(i for i, h in enumerate(loop.hooks) if isinstance(h, hooks.Eval))
     loop.hooks.insert(at, _SlowEval(loop.hooks[at].every, faults.eval_sleep))
