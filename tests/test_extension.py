@@ -394,3 +394,24 @@ def test_resume_check_covers_the_models_own_keys(tmp_path):
   with pytest.raises(UserError, match=r"data.test_fraction: 0.2 -> 0.3"):
     runinfo.check_resume_config(str(tmp_path), _example(data__test_fraction=0.3),
                                 allow_change=False)
+
+
+def lion(learning_rate, config, mask):
+  """A user optimiser (config.optimizer.name = "tests.test_extension:lion")."""
+  import optax  # pylint: disable=g-import-not-at-top
+  return optax.lion(learning_rate, weight_decay=float(config.weight_decay), mask=mask)
+
+
+def test_user_optimizer_by_import_path():
+  config = tiny_config(optimizer__name="tests.test_extension:lion",
+                       optimizer__schedule="constant", optimizer__weight_decay=0.0)
+  model = models.create({"name": "mlp", "hidden": (8,)}, 3)
+  state, step = _state_and_step(model, config)
+  new, metrics = step(state, _batch())
+  # Lion moves every parameter by exactly the learning rate (the sign of its update).
+  moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a - b)), new.params, state.params)
+  lr = config.optimizer.learning_rate
+  assert all(np.allclose(m[m > 0], lr, rtol=1e-3) for m in jax.tree.leaves(moved))
+  assert float(metrics["finite"]) == 1.0
+  with pytest.raises(UserError, match="config.optimizer.name='lamb'"):
+    train.make_optimizer(tiny_config(optimizer__name="lamb"))
