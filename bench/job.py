@@ -1,65 +1,53 @@
-"""The trainer's own pieces for one config, and the two loops the benchmarks compare.
+"""The trainer's pieces for one config, and the two loops the benchmarks compare.
 
-`Job` wires data, strategy, model, optimiser, state and the compiled step exactly as
-`train._train_and_evaluate` does. `Job.bare(k)` is the bare loop: the same compiled
-step (same shardings, same donation) over device-resident batches, at most two steps
-in flight (unbounded dispatch deadlocks XLA:CPU's collectives on many virtual devices,
-and the trainer keeps the same bound). `Trainer.run(k)` drives the real `train._Loop`
-for k steps, with its data loading, one-step-late metric reads, logging to a real
-`Reporter`, watchdog and preemption checks. The save that `_Loop` forces at its last
-step is dropped (a block's end is not a run's end): without a cadence nothing is saved,
-and the checkpoint workload saves on the cadence only.
+`Job` is the trainer's own job (`trainer.build`: data, strategy, model, optimiser,
+state and compiled step). `Job.bare(k)` is the bare loop: the same compiled step (same
+shardings, same donation) over device-resident batches, at most two steps in flight
+(unbounded dispatch deadlocks XLA:CPU's collectives on many virtual devices, and the
+trainer keeps the same bound). `Trainer.run(k)` drives the real `loop.Loop` for k
+steps, with its data loading, one-step-late metric reads, logging to a real `Reporter`,
+watchdog and preemption checks. The save that the checkpoint hook forces at a run's
+last step is dropped (a block's end is not a run's end): without a cadence nothing is
+saved, and the checkpoint workload saves on the cadence only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 from jax.sharding import PartitionSpec as P
 
+import trainer
 from bench import harness
 from trainer import checkpoint
-from trainer import data
-from trainer import models
 from trainer import parallel
 from trainer import preemption
 from trainer import report
-from trainer import train
+from trainer.loop import Loop
 
 _NEVER = 10**9
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 class Job:
-  """Data, strategy, model, state and compiled step of a config (as the trainer builds them)."""
+  """A `trainer.build` job, its state advanced by the benchmark's blocks."""
 
   def __init__(self, config):
     self.config = config
-    self.dataset = data.load(config)
-    self.strategy = parallel.create(config)
-    self.strategy.check_batch_size(config.train.batch_size)
-    self.model = models.create(config, self.dataset.num_classes)
-    tx, schedule = train.make_optimizer(config)
-    l2 = float(config.optimizer.weight_decay) if config.optimizer.name != "adamw" else 0.0
-    init = functools.partial(train.create_train_state, model=self.model, tx=tx,
-                             example_x=self.dataset.train_x[:1],
-                             ema=config.train.ema_decay > 0)
-    self.state = self.strategy.init_state(init, jax.random.PRNGKey(config.seed))
-    self.train_step = functools.partial(
-        train.train_step, apply_fn=self.model.apply, tx=tx, schedule=schedule, l2=l2,
-        accum_steps=config.train.grad_accum_steps, ema_decay=config.train.ema_decay)
-    self.step_fn = self.strategy.compile_step(self.train_step)
+    job = trainer.build(config)
+    self.job = job
+    self.dataset, self.strategy, self.model = job.dataset, job.strategy, job.model
+    self.state, self.train_step, self.step_fn = job.state, job.train_step, job.step_fn
     self.step = 0
     self.batches = [self.device_batch(i) for i in range(4)]
 
   def device_batch(self, step: int):
     """Global batch `step`, built by the trainer's loader and placed on the devices."""
-    loop_cls = train._Loop  # pylint: disable=protected-access
-    loop = loop_cls(self.config, self.dataset, self.strategy, None, report.Reporter(None),
-                    self.model.apply)
+    loop = Loop(self.job, None, report.Reporter(None))
     loop.watchdog.close()
-    batch = loop._batch(step)  # pylint: disable=protected-access
+    batch = loop.batch(step)
     if isinstance(self.strategy, parallel.Pmap):  # pmap's batches are host arrays
       batch = jax.pmap(lambda b: b)(batch)
     return jax.block_until_ready(batch)
@@ -127,17 +115,8 @@ class _CadenceCheckpointer(checkpoint.Checkpointer):
     return super().save(step, state)
 
 
-class _DeviceBatchLoop(train._Loop):  # pylint: disable=protected-access
-  """The trainer's loop fed device-resident batches: the loop without its input pipeline."""
-
-  device_batches = ()
-
-  def _batch(self, step: int):
-    return self.device_batches[step % len(self.device_batches)]
-
-
 class Trainer:
-  """Drives `train._Loop.run` k steps at a time on a `Job`'s state."""
+  """Drives `loop.Loop.run` k steps at a time on a `Job`'s state."""
 
   def __init__(self, job: Job, workdir: str, *, device_batches: bool = False,
                checkpoint_every: int | None = None):
@@ -147,11 +126,10 @@ class Trainer:
     self.config.train.checkpoint_every = checkpoint_every or _NEVER
     self.workdir = workdir
     self.reporter = report.Reporter(workdir)  # Writes like process 0 of a real run.
-    cls = _DeviceBatchLoop if device_batches else train._Loop  # pylint: disable=protected-access
-    self.loop = cls(self.config, job.dataset, job.strategy, _NoCheckpoint(), self.reporter,
-                    job.model.apply)
-    if device_batches:
-      self.loop.device_batches = job.batches
+    batches = (lambda step: job.batches[step % len(job.batches)]) if device_batches else None
+    # The loop reads this copy of the config (cadences, and steps per block).
+    built = dataclasses.replace(job.job, config=self.config)
+    self.loop = Loop(built, _NoCheckpoint(), self.reporter, batches=batches)
     self.watcher = preemption.Watcher()
     self.guard = None  # e.g. "disallow": run the loop under jax.transfer_guard
 

@@ -3,7 +3,7 @@
 Each workload runs in its own process (the orchestrator `python -m bench` sets the
 virtual device count) and compares, in paired rounds on one compiled step:
 `bare` (the step in a minimal loop over device-resident batches), `bare_again` (the A/A
-control), `trainer` (the real `train._Loop` with its loader) and `loop` (the same loop
+control), `trainer` (the real `loop.Loop` with its loader) and `loop` (the same loop
 fed device-resident batches: the trainer without its input pipeline).
 """
 
@@ -133,7 +133,7 @@ def components(name: str, job: Job, workdir: str, calls: int = 300) -> None:
   parts = {
       "batch indices (data.process_batch_indices)": lambda i: data.process_batch_indices(
           cfg.seed, i, cfg.train.batch_size, len(job.dataset.train_y), 0, 1),
-      "host batch -> device (_Loop._batch)": loop._batch,  # pylint: disable=protected-access
+      "host batch -> device (Loop.batch)": loop.batch,
       "read metrics (strategy.read_metrics)": lambda i: job.strategy.read_metrics(metrics),
       # Alternatives, for the report: what the same work costs done another way.
       "alt: one jax.device_put of the host batch": lambda i: jax.device_put(

@@ -15,12 +15,16 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLE_DIR = ROOT / "examples" / "digits_nnx"  # the example user project (its own package)
 DATA_DIR = pathlib.Path(os.environ.get(
     "JAXJOB_DATA_DIR", ROOT.parent / "shared" / "data")) / "mobile-price"
 
 
 def tiny_config(name: str = "default.py", **overrides):
-  """A config file's get_config() with dotted overrides, e.g. train__steps=20."""
+  """A config file's get_config() with dotted overrides, e.g. train__steps=20.
+
+  `name` is a file of trainer/configs, or an absolute path (e.g. the example project's).
+  """
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("cfg", ROOT / "trainer" / "configs" / name)
   module = importlib.util.module_from_spec(spec)

@@ -12,20 +12,21 @@ from tensorboardX.proto import event_pb2
 from tests.conftest import tiny_config
 from trainer import checkpoint
 from trainer import models
+from trainer import tasks
 from trainer import train
 
 
 def _setup(**overrides):
   config = tiny_config(**overrides)
-  model = models.create(config, 10)
+  model = models.create(config.model, 10)
   tx, schedule = train.make_optimizer(config)
-  state = train.create_train_state(jax.random.PRNGKey(0), model=model, tx=tx, num_features=64,
-                                   ema=config.train.ema_decay > 0)
+  state = train.create_train_state(jax.random.PRNGKey(0), model=model, tx=tx,
+                                   example_x=jnp.zeros((1, 64)), ema=config.train.ema_decay > 0)
   rng = np.random.default_rng(0)
   batch = {"x": jnp.asarray(rng.standard_normal((32, 64)), jnp.float32),
            "y": jnp.asarray(rng.integers(0, 10, 32), jnp.int32)}
-  step = lambda s, b, **kw: train.train_step(s, b, apply_fn=model.apply, tx=tx,
-                                             schedule=schedule, l2=0.0, **kw)
+  step = lambda s, b, **kw: train.train_step(s, b, model=model, task=tasks.Classification(),
+                                             tx=tx, schedule=schedule, l2=0.0, **kw)
   return config, state, batch, step
 
 
@@ -80,10 +81,10 @@ def test_ema_follows_the_parameters():
 def test_bf16_compute_keeps_float32_params(tmp_path):
   config = tiny_config(model__dtype="bfloat16", train__steps=200, train__eval_every=200,
                        train__checkpoint_every=200, optimizer__warmup_steps=10)
-  model = models.create(config, 10)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64)))["params"]
+  model = models.create(config.model, 10)
+  params, _ = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64)))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-  assert model.apply({"params": params}, jnp.zeros((2, 64))).dtype == jnp.bfloat16
+  assert model.apply(params, None, jnp.zeros((2, 64)))[0].dtype == jnp.bfloat16
   summary = train.train_and_evaluate(config, str(tmp_path / "bf16"))
   assert summary["eval"]["accuracy"] > 0.9
 

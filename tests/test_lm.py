@@ -55,9 +55,9 @@ def test_untied_head_adds_vocab_by_width_parameters():
 
 def test_gpt2_small_config_is_124m_and_matches_the_flop_anchor():
   config = tiny_config("gpt2_small.py")
-  model = models.create(config, 0)
+  model = models.create(config.model)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, 1024), jnp.int32))["params"])
+                                             jnp.zeros((1, 1024), jnp.int32))[0])
   n = transformer.num_params(shapes)
   assert 124e6 < n < 125e6, n
   # perf-anchors.md section 2.3: 8.03e8 (causal) and 8.60e8 FLOPs/token for N = 124.4M.
@@ -69,9 +69,13 @@ def test_gpt2_small_config_is_124m_and_matches_the_flop_anchor():
 
 def test_bad_model_fields_are_user_errors():
   with pytest.raises(UserError, match="config.model.dtype"):
-    models.create(tiny_config("lm_tiny.py", model__dtype="float16"), 0)
+    models.create(tiny_config("lm_tiny.py", model__dtype="float16").model)
   with pytest.raises(UserError, match="multiple of config.model.num_heads"):
-    models.create(tiny_config("lm_tiny.py", model__num_heads=5), 0)
+    models.create(tiny_config("lm_tiny.py", model__num_heads=5).model)
+  # A key the transformer does not take (the MLP's) names the model and its keys.
+  with pytest.raises(UserError, match="config.model.hidden: model 'transformer' takes no such"
+                     " key; it accepts attention, d_model"):
+    models.create(tiny_config("lm_tiny.py", model__hidden=(8,)).model)
 
 
 def test_synthetic_tokens_are_deterministic_and_in_range():
@@ -155,13 +159,15 @@ def test_tiny_lm_trains_on_eight_devices(tmp_path):
 def test_lm_eval_matches_full_logits():
   config = tiny_config("lm_tiny.py", data__num_tokens=8_000)
   ds = data.load(config)
-  model = models.create(config, 0)
+  model = models.create(config.model)
   from trainer import parallel  # pylint: disable=g-import-not-at-top
+  from trainer import tasks  # pylint: disable=g-import-not-at-top
   strategy = parallel.create(config)
-  params = model.init(jax.random.PRNGKey(0), jnp.asarray(ds.train_x[:1]))["params"]
-  params = jax.device_put(params, strategy.replicated)
-  chunked = train.evaluate_lm(strategy, model.apply, params, ds.test_x, ds.test_y, chunk=3)
-  full, _ = train.evaluate(strategy, model.apply, params, ds.test_x, ds.test_y)
+  params, _ = model.init(jax.random.PRNGKey(0), jnp.asarray(ds.train_x[:1]))
+  variables = {"params": jax.device_put(params, strategy.replicated)}
+  chunked = tasks.LanguageModel().evaluate(strategy, model, variables, ds, chunk=3)
+  full = tasks.Classification().metrics(strategy.predict(model.eval_apply, variables,
+                                                         ds.test_x), ds.test_y)
   assert abs(chunked["loss"] - full["loss"]) < 1e-5
   assert abs(chunked["accuracy"] - full["accuracy"]) < 1e-9
 

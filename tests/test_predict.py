@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import ROOT, tiny_config
 from trainer import models
 from trainer import predict
+from trainer import tasks
 from trainer import train
 
 
@@ -47,13 +48,14 @@ def test_predicts_the_unlabelled_test_split(run_dir, mobile_price_csv_path, tmp_
 
 
 def test_vmapped_single_example_model_equals_the_batched_model(run_dir, mobile_price_csv_path):
-  config, stats, params = predict.load_run(str(run_dir))
+  config, stats, variables = predict.load_run(str(run_dir))
   raw = pd.read_csv(mobile_price_csv_path)[stats["features"]].to_numpy(np.float32)[:50]
-  probs = predict.predict(config, stats, params, raw)
+  logits = predict.predict(config, stats, variables, raw)
   x = (raw - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
-  model = models.create(config, 4)
-  batched = models.probabilities(model.apply({"params": params}, jnp.asarray(x)))
-  np.testing.assert_allclose(probs, np.asarray(batched), rtol=1e-5, atol=1e-6)
+  model = models.create(config.model, 4)
+  batched = model.apply(variables["params"], None, jnp.asarray(x))[0]
+  np.testing.assert_allclose(logits, np.asarray(batched), rtol=1e-5, atol=1e-6)
+  assert np.asarray(tasks.probabilities(jnp.asarray(logits))).shape == (50, 4)
 
 
 @pytest.mark.parametrize("edit,expected", [

@@ -15,17 +15,18 @@ from trainer import checkpoint
 from trainer import data
 from trainer import models
 from trainer import report
+from trainer import tasks
 from trainer import train
 from trainer.errors import UserError
 
 
 def _step_fn(config, num_classes=3, num_features=5):
-  model = models.create(config, num_classes)
+  model = models.create(config.model, num_classes)
   tx, schedule = train.make_optimizer(config)
   state = train.create_train_state(jax.random.PRNGKey(0), model=model, tx=tx,
-                                   num_features=num_features)
-  step = jax.jit(lambda s, b: train.train_step(s, b, apply_fn=model.apply, tx=tx,
-                                                schedule=schedule, l2=0.0))
+                                   example_x=jnp.zeros((1, num_features)))
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, task=tasks.Classification(),
+                                                tx=tx, schedule=schedule, l2=0.0))
   return state, step
 
 
@@ -61,13 +62,13 @@ def test_nonfinite_step_leaves_state_unchanged():
 
 def test_binary_model_has_one_sigmoid_output():
   config = tiny_config("breast_cancer.py")
-  model = models.create(config, 2)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))["params"]
-  logits = model.apply({"params": params}, jnp.ones((3, 4)))
-  assert logits.shape == (3, 1)
-  probs = models.probabilities(logits)
+  model = models.create(config.model, 1)
+  params, model_state = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))
+  logits, _ = model.apply(params, model_state, jnp.ones((3, 4)))
+  assert logits.shape == (3, 1) and model_state is None
+  probs = tasks.probabilities(logits)
   np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, rtol=1e-6)
-  loss = models.loss_per_example(logits, jnp.array([0, 1, 1]))
+  loss = tasks.loss_per_example(logits, jnp.array([0, 1, 1]))
   expected = optax.sigmoid_binary_cross_entropy(logits[:, 0], jnp.array([0.0, 1.0, 1.0]))
   np.testing.assert_allclose(np.asarray(loss), np.asarray(expected))
 

@@ -5,6 +5,7 @@ stderr, nothing written); 42 preempted after a committed checkpoint; 3 diverged;
 """
 
 import os
+import re
 import sys
 
 from trainer import preemption
@@ -30,6 +31,8 @@ _FLAG_ERRORS = (flags.Error, OSError, SyntaxError, ImportError, AttributeError, 
 
 
 def _bad_flags(e: Exception):
+  if isinstance(e, (KeyError, AttributeError)):
+    e = _explain_missing_key(sys.argv, e)
   print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
   sys.exit(2)
 
@@ -55,6 +58,22 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except _FLAG_ERRORS as e:
     _bad_flags(e)
+
+
+def _explain_missing_key(argv, error: Exception):
+  """An override of a key the config lacks: for config.model, say what the model takes."""
+  found = re.match(r"""["']*(\w+)""", str(error))
+  key = found.group(1) if found else ""
+  prefix = f"--config.model.{key}="
+  if not any(a.startswith(prefix) for a in argv):
+    return error
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _DEFAULT_CONFIG)
+  name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config.model.name=")), None)
+  from trainer import models  # pylint: disable=g-import-not-at-top
+  try:
+    return models.explain_override(path, key, name)
+  except Exception:  # pylint: disable=broad-except
+    return f"--config.model.{key}: the config's model section has no such key"
 
 
 def main(argv, config_flag, workdir_flag, allow_flag):

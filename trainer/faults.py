@@ -4,12 +4,17 @@
   nan@S        the training batch of step S (0-based) gets a NaN feature
   hang@R:S     process R stops making progress (sleeps) before dispatching step S
   slow_eval@T  every periodic evaluation first sleeps T seconds
+
+`install(loop)` adds what is asked for as hooks and a batch wrapper; with the variable
+unset it changes nothing, so the step loop itself knows nothing of faults.
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+from trainer import hooks
 
 
 class Faults:
@@ -42,6 +47,45 @@ class Faults:
       while True:
         time.sleep(3600)
 
-  def maybe_slow_eval(self) -> None:
-    if self.eval_sleep:
-      time.sleep(self.eval_sleep)
+
+class _Hang(hooks.Hook):
+  """Before each step: process R sleeps for good at step S (the watchdog's stack dump
+  shows `maybe_hang`)."""
+
+  def __init__(self, faults: Faults):
+    self._faults = faults
+
+  def before_step(self, loop, step, state):
+    import jax  # pylint: disable=g-import-not-at-top
+    self._faults.maybe_hang(jax.process_index(), step)
+
+
+class _SlowEval(hooks.Hook):
+  """Sleeps right before each periodic evaluation (it sits just before the Eval hook)."""
+
+  def __init__(self, every: int, seconds: float):
+    self.every, self._seconds = every, seconds
+
+  def fires(self, done, last):
+    return done % self.every == 0 and done != last
+
+  def __call__(self, loop, done, state):
+    time.sleep(self._seconds)
+
+
+def install(loop, spec: str | None = None) -> None:
+  """Adds the faults `JAXJOB_FAULTS` (or `spec`) asks for to a `train.Loop`."""
+  faults = Faults(spec)
+  if faults.hang:
+    loop.hooks.insert(0, _Hang(faults))
+  if faults.eval_sleep:
+    at = next(i for i, h in enumerate(loop.hooks) if isinstance(h, hooks.Eval))
+    loop.hooks.insert(at, _SlowEval(loop.hooks[at].every, faults.eval_sleep))
+  if faults.nan_steps:
+    read = loop.read_batch
+
+    def corrupted(step):
+      local = read(step)
+      return {**local, "x": faults.corrupt(step, local["x"])}
+
+    loop.read_batch = corrupted

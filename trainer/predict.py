@@ -5,7 +5,9 @@
 
 Loads the run's config (run.json), standardisation statistics (data_stats.json) and
 newest committed checkpoint, and writes one row per input row: the passthrough id
-column when present, the predicted label and one probability column per class. The
+column when present, then the task's columns (classification: the predicted label and
+one probability column per class; regression: the predicted value in the target's
+units). The
 model is written for one example; `jax.vmap` turns it into a batched function, the
 tutorial's point about automatic vectorisation. Exit 2 with one line for a missing
 run, a missing or unknown column, or a bad cell.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import sys
+import types
 
 from absl import app
 from absl import flags
@@ -33,7 +36,10 @@ _ID_COLUMN = flags.DEFINE_string("id_column", "id", "Column copied to the output
 
 
 def load_run(workdir: str):
-  """(config, data statistics, params) of a run. Raises UserError when absent."""
+  """(config, data statistics, variables) of a run. Raises UserError when absent.
+
+  `variables` is `{"params": ..., **model_state}` (e.g. BatchNorm's `batch_stats`).
+  """
   from trainer import checkpoint  # pylint: disable=g-import-not-at-top
   run_path = storage.path(workdir) / "run.json"
   stats_path = storage.path(workdir) / "data_stats.json"
@@ -44,21 +50,47 @@ def load_run(workdir: str):
   step, state = checkpoint.load_latest(storage.path(workdir) / "checkpoints")
   if step is None:
     raise errors.UserError(f"--workdir={workdir}: no committed checkpoint")
-  return config, storage.read_json(stats_path), state["params"]
+  params = state["params"] if state.get("ema_params") is None else state["ema_params"]
+  return config, storage.read_json(stats_path), {"params": params,
+                                                 **(state.get("model_state") or {})}
 
 
-def predict(config, stats: dict, params, x: np.ndarray) -> np.ndarray:
-  """Class probabilities [n, classes] for standardised-on-the-fly raw features `x`."""
+def task_of(config, stats):
+  """The run's task, as the trainer resolved it (config.task, else the data's)."""
+  from trainer import tasks  # pylint: disable=g-import-not-at-top
+  dataset = types.SimpleNamespace(task=stats.get("task", "classification"),
+                                  num_classes=len(stats.get("classes") or []))
+  return tasks.resolve(config, dataset), dataset
+
+
+def predict(config, stats: dict, variables, x: np.ndarray) -> np.ndarray:
+  """Model outputs for raw features `x` (standardised on the fly with the run's statistics).
+
+  The model is rebuilt from the run's `config.model` through the registry (a user's
+  model must be importable here too) and applied in evaluation mode.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from trainer import models  # pylint: disable=g-import-not-at-top
   if stats.get("mean"):
     x = (x - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
-  model = models.create(config, len(stats["classes"]))
+  task, dataset = task_of(config, stats)
+  model = models.create(config.model, task.num_outputs(dataset))
+  params, model_state = jax.eval_shape(model.init, jax.random.PRNGKey(0), x[:1])
+  variables = _conform({"params": params, **(model_state or {})}, variables)
 
-  def one_example(features):  # [d] -> [classes]
-    return models.probabilities(model.apply({"params": params}, features))
+  def one_example(features):  # [d] -> [outputs]
+    return model.eval_apply(variables, features)
 
   return np.asarray(jax.jit(jax.vmap(one_example))(x))
+
+
+def _conform(template, loaded):
+  """`loaded` (a checkpoint read without a target: every key a string) shaped like
+  `template`, whose keys may be integers (e.g. an NNX module's list of layers)."""
+  if isinstance(template, dict):
+    return {k: _conform(v, loaded[k] if k in loaded else loaded[str(k)])
+            for k, v in template.items()}
+  return loaded
 
 
 def main(argv):
@@ -67,23 +99,26 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from trainer.data import csv_source  # pylint: disable=g-import-not-at-top
   try:
-    config, stats, params = load_run(_WORKDIR.value)
-    passthrough = [_ID_COLUMN.value, config.data.label_column]
+    config, stats, variables = load_run(_WORKDIR.value)
+    passthrough = [_ID_COLUMN.value] + ([config.data.label_column]
+                                        if "label_column" in config.data else [])
+    passthrough += [stats["target"]["name"]] if "target" in stats else []
     x, extra = csv_source.read_features(_INPUT.value, stats["features"], passthrough)
+    outputs = predict(config, stats, variables, x)
+    task, _ = task_of(config, stats)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  probs = predict(config, stats, params, x)
-  classes = stats["classes"]
+  columns = task.predict_columns(outputs, stats)
   out = io.StringIO()
   id_values = extra.get(_ID_COLUMN.value)
-  header = ([_ID_COLUMN.value] if id_values else []) + ["label"] + [f"p_{c}" for c in classes]
+  header = ([_ID_COLUMN.value] if id_values else []) + list(columns)
   out.write(",".join(header) + "\n")
-  for i, row in enumerate(probs):
-    cells = ([id_values[i]] if id_values else []) + [classes[int(np.argmax(row))]]
-    out.write(",".join(cells + [f"{p:.6f}" for p in row]) + "\n")
+  for i in range(len(outputs)):
+    cells = ([id_values[i]] if id_values else []) + [columns[c][i] for c in columns]
+    out.write(",".join(cells) + "\n")
   storage.write_text(_OUTPUT.value, out.getvalue())
-  print(f"wrote {len(probs)} predictions to {_OUTPUT.value}")
+  print(f"wrote {len(outputs)} predictions to {_OUTPUT.value}")
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ class Reporter:
     if self.active:
       storage.write_text(storage.path(self.workdir) / relative, text)
 
-  def plot_history(self, eval_rows: list[dict]) -> None:
-    """plots/history.png: training loss and train/held-out accuracy against step."""
+  def plot_history(self, eval_rows: list[dict], metric: str = "accuracy") -> None:
+    """plots/history.png: training loss and train/held-out `metric` against step."""
     if not self.active:
       return
     steps = [r["step"] for r in self.rows]
@@ -105,13 +105,13 @@ class Reporter:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(steps, [r["loss"] for r in self.rows], label="train")
     ax_loss.set(xlabel="step", ylabel="loss", title="Loss history")
-    ax_acc.plot(steps, [r["accuracy"] for r in self.rows], label="train")
+    ax_acc.plot(steps, [r.get(metric) for r in self.rows], label="train")
     if eval_rows:
-      ax_acc.plot([r["step"] for r in eval_rows], [r["accuracy"] for r in eval_rows], "o-",
+      ax_acc.plot([r["step"] for r in eval_rows], [r.get(metric) for r in eval_rows], "o-",
                   label="held-out")
       ax_loss.plot([r["step"] for r in eval_rows], [r["loss"] for r in eval_rows], "o-",
                    label="held-out")
-    ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy")
+    ax_acc.set(xlabel="step", ylabel=metric, title=metric.capitalize())
     for ax in (ax_loss, ax_acc):
       ax.grid(alpha=0.3)
       ax.legend()

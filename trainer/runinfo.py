@@ -107,9 +107,14 @@ def progress_bar(total: int, initial: int, enabled: bool):
   return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
+_NOT_SHOWN = ("step", "loss", "grad_norm", "learning_rate", "examples_per_s", "time")
+
+
 def format_row(row: dict, total: int) -> str:
-  parts = [f"step {row['step']}/{total}", f"loss {row['loss']:.4f}",
-           f"accuracy {row['accuracy']:.4f}"]
+  """`step 10/100 loss 0.1234 accuracy 0.9000 ...`: the loss, then the task's metrics."""
+  parts = [f"step {row['step']}/{total}", f"loss {row['loss']:.4f}"]
+  parts += [f"{k} {v:.4f}" for k, v in row.items()
+            if k not in _NOT_SHOWN and isinstance(v, float)]
   if row.get("examples_per_s"):
     parts.append(f"{row['examples_per_s']:.0f} examples/s")
   return " ".join(parts)

@@ -1,8 +1,12 @@
-"""The one config schema every workload shares.
+"""The trainer's config schema, and the place each component's own section goes.
 
 Workload files (`default.py`, `mobile_price.py`, ...) call `get_base_config()` and change
-values; they never add keys. The returned config is locked by `config_flags`, so a
-misspelt `--config.train.stpes=10` is an error instead of a silent no-op.
+values. The trainer's sections (`train`, `optimizer`, `parallel`, `profile`,
+`distributed`) are fixed: workload files never add keys there, and the config is locked
+by `config_flags`, so a misspelt `--config.train.stpes=10` is an error instead of a
+silent no-op. `config.model` belongs to the model it names (`models.config(name, ...)`
+fills it in), and `config.data` to the data source: the built-in sources share the keys
+below; a user's source (`module:attribute`) takes the section's keys as its arguments.
 """
 
 import ml_collections
@@ -35,30 +39,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.token_dtype = "uint16"  # tokens: dtype of token_path (uint16 | int32)
   config.data.num_tokens = 1_000_000  # tokens, synthetic: length of the generated stream
 
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "mlp"  # logreg | mlp | transformer
-  config.model.hidden = (128, 128)  # mlp: hidden layer widths
-  config.model.activation = "relu"  # mlp: relu | gelu | tanh
-  config.model.conv_features = (32, 64)  # cnn: channels of the 3x3 conv blocks
-  config.model.dense = 128  # cnn: width of the dense layer before the head
-  config.model.vocab_size = 256  # transformer: token ids are in [0, vocab_size)
-  config.model.seq_len = 128  # transformer: context length T (data windows hold T + 1 tokens)
-  config.model.d_model = 128  # transformer: residual stream width
-  config.model.num_layers = 2  # transformer: blocks
-  config.model.num_heads = 4  # transformer: attention heads (divides d_model)
-  config.model.mlp_ratio = 4  # transformer: MLP hidden width / d_model
-  config.model.tie_embeddings = True  # transformer: head shares the token embedding
-  config.model.dtype = "float32"  # compute dtype of every model: float32 | bfloat16 (params f32)
-  config.model.attention = "xla"  # transformer: xla | cudnn (GPU, bf16) | auto
+  # The model's own section: `name` (a built-in or module:attribute, trainer/registry.py)
+  # plus its keyword arguments. Workload files set it with `models.config(name, ...)`,
+  # which fills in every key the model accepts (so each is overridable from the command
+  # line); a key the model does not take is an error naming the model and its keys.
+  config.model = ml_collections.ConfigDict({"name": "mlp"})
+  config.task = ""  # classification | lm | regression | module:attribute; "" = the data's
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adam"  # sgd | adam | adamw
+  config.optimizer.name = "adam"  # sgd | adam | adamw | module:attribute (trainer/optimizers.py)
   config.optimizer.learning_rate = 1e-3  # peak learning rate
   config.optimizer.schedule = "constant"  # constant | cosine | warmup_cosine
   config.optimizer.warmup_steps = 0  # warmup_cosine: linear warmup length
   config.optimizer.momentum = 0.9  # sgd only
   config.optimizer.grad_clip_norm = 0.0  # clip gradients to this global norm; 0 = off
   config.optimizer.weight_decay = 0.0  # adamw: decoupled decay; others: L2 penalty in the loss
+  config.optimizer.weight_decay_mask = "matrices"  # matrices | all | kernels | module:attribute
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 1000  # total optimiser steps

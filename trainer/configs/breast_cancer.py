@@ -5,6 +5,7 @@
 No download. About 10 s on 2 CPU cores; held-out accuracy about 0.97.
 """
 
+from trainer import models
 from trainer.configs import base
 
 
@@ -13,7 +14,7 @@ def get_config():
   config.name = "breast_cancer"
   config.data.source = "embedded"
   config.data.name = "breast_cancer"
-  config.model.name = "logreg"
+  config.model = models.config("logreg")
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 0.01
   config.optimizer.weight_decay = 1e-3

@@ -6,6 +6,7 @@ Needs no download (the data ships with scikit-learn). About 20 s on 2 CPU cores
 with 8 virtual devices; held-out accuracy about 0.97.
 """
 
+from trainer import models
 from trainer.configs import base
 
 
@@ -14,8 +15,7 @@ def get_config():
   config.name = "default"
   config.data.source = "embedded"
   config.data.name = "digits"
-  config.model.name = "mlp"
-  config.model.hidden = (128, 128)
+  config.model = models.config("mlp", hidden=(128, 128))
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 1e-3
   config.optimizer.schedule = "warmup_cosine"

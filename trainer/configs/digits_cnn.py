@@ -5,6 +5,7 @@
 No download. About 30 s on 2 CPU cores (1 device); held-out accuracy about 0.98.
 """
 
+from trainer import models
 from trainer.configs import base
 
 
@@ -14,9 +15,7 @@ def get_config():
   config.data.source = "embedded"
   config.data.name = "digits"
   config.data.images = True
-  config.model.name = "cnn"
-  config.model.conv_features = (32, 64)
-  config.model.dense = 128
+  config.model = models.config("cnn", conv_features=(32, 64), dense=128)
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 2e-3
   config.optimizer.weight_decay = 1e-4

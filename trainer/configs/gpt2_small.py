@@ -15,6 +15,7 @@ On GPUs with cuDNN, `--config.model.attention=cudnn` uses its fused (flash) atte
 slow for a CPU (several seconds per step).
 """
 
+from trainer import models
 from trainer.configs import base
 
 
@@ -25,14 +26,9 @@ def get_config():
   config.data.num_tokens = 4_000_000
   config.data.test_fraction = 0.01
   config.data.standardize = False
-  config.model.name = "transformer"
-  config.model.vocab_size = 50304
-  config.model.seq_len = 1024
-  config.model.d_model = 768
-  config.model.num_layers = 12
-  config.model.num_heads = 12
-  config.model.dtype = "bfloat16"
-  config.model.attention = "xla"
+  config.model = models.config(
+      "transformer", vocab_size=50304, seq_len=1024, d_model=768, num_layers=12,
+      num_heads=12, dtype="bfloat16", attention="xla")
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 6e-4
   config.optimizer.schedule = "warmup_cosine"

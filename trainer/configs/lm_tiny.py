@@ -13,6 +13,7 @@ matching vocabulary:
         --config.data.token_path=train.bin --config.model.vocab_size=50304
 """
 
+from trainer import models
 from trainer.configs import base
 
 
@@ -23,13 +24,8 @@ def get_config():
   config.data.num_tokens = 200_000
   config.data.test_fraction = 0.05
   config.data.standardize = False
-  config.model.name = "transformer"
-  config.model.vocab_size = 256
-  config.model.seq_len = 64
-  config.model.d_model = 64
-  config.model.num_layers = 2
-  config.model.num_heads = 4
-  config.model.dtype = "float32"
+  config.model = models.config("transformer", vocab_size=256, seq_len=64, d_model=64,
+                               num_layers=2, num_heads=4, dtype="float32")
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 3e-3
   config.optimizer.schedule = "warmup_cosine"

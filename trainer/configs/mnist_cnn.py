@@ -9,6 +9,7 @@ on a machine with network access by
 (no download here); the same code path is tested with TFDS's `mock_data`.
 """
 
+from trainer import models
 from trainer.configs import base
 
 
@@ -19,7 +20,7 @@ def get_config():
   config.data.name = "mnist"
   config.data.feature_key = "image"
   config.data.label_key = "label"
-  config.model.name = "cnn"
+  config.model = models.config("cnn")
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 1e-4

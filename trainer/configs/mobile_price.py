@@ -14,6 +14,7 @@ split is stratified (80/20). About 15 s on 2 CPU cores; held-out accuracy 0.985
 (binary) and 0.96 (4 classes); see README for the scikit-learn comparison.
 """
 
+from trainer import models
 from trainer.configs import base
 
 
@@ -24,7 +25,7 @@ def get_config():
   config.data.path = ""  # Required: e.g. ../shared/data/mobile-price/train.csv
   config.data.label_column = "price_range"
   config.data.classes = "0,1"
-  config.model.name = "logreg"
+  config.model = models.config("logreg")
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 0.05
   config.optimizer.schedule = "cosine"

@@ -1,7 +1,9 @@
 """Data sources -> a train/test split held in host memory, and per-process batches.
 
-Every source (`csv`, `embedded`, `synthetic`, and `tokens` for language models, whose
-windows are read from a memory map on demand) yields the same `Dataset`. The order of
+Every source (`csv`, `embedded`, `synthetic`, `tfds`, `tokens` for language models, whose
+windows are read from a memory map on demand, and a user's random-access source, see
+`from_sources`) yields the same `Dataset`; `config.data.source` names it through the
+registry (`trainer/registry.py`). The order of
 training examples is a pure function of (seed, step): step `t` of a run reads positions
 `[t*B, (t+1)*B)` of an endless sequence of per-epoch permutations, so a resumed run sees
 exactly the batches an uninterrupted one would. Each process keeps only its contiguous
@@ -12,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import numpy as np
+
+from trainer import registry
 
 from trainer.data import csv_source
 from trainer.data import tfds_source
@@ -27,19 +32,27 @@ _EMBEDDED = {
     "wine": "load_wine",
     "iris": "load_iris",
 }
+_EMBEDDED_REGRESSION = {"diabetes": "load_diabetes"}  # a real target: task regression
 
 
 @dataclasses.dataclass
 class Dataset:
-  """A train/test split. `lm`: x and y are `tokens.TokenWindows` ([n, T] int32 each)."""
-  train_x: np.ndarray  # float32 [n_train, d], standardised when asked
-  train_y: np.ndarray  # int32 [n_train], in [0, num_classes)
+  """A train/test split. `lm`: x and y are `tokens.TokenWindows` ([n, T] int32 each).
+
+  `regression`: y is float32 [n], the standardised target, and `stats["target"]` holds
+  its {"mean", "std"} (tasks report and predict in the original units). A data set built
+  from a random-access source (`from_sources`) keeps its training split there
+  (`train_source`, read batch by batch) and `train_x`/`train_y` are None.
+  """
+  train_x: np.ndarray | None  # float32 [n_train, d], standardised when asked
+  train_y: np.ndarray | None  # int32 [n_train], in [0, num_classes)
   test_x: np.ndarray
   test_y: np.ndarray
   class_names: list[str]  # original label of each class index
   feature_names: list[str]
   stats: dict  # {"mean": [...], "std": [...]} fitted on train_x, or {} when not standardised
-  task: str = "classification"  # or "lm": next-token prediction, y = x shifted by one
+  task: str = "classification"  # or "lm" (y = x shifted by one), "regression", a user task
+  train_source: Any = None  # random access: len() and rows by index (see `from_sources`)
 
   @property
   def num_classes(self) -> int:
@@ -47,49 +60,173 @@ class Dataset:
 
   @property
   def num_features(self) -> int:
-    return self.train_x.shape[1]
+    return self.test_x.shape[1]
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_source) if self.train_source is not None else len(self.train_y)
+
+  def train_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The training rows at `indices` as {"x": ..., "y": ...} host arrays."""
+    if self.train_source is not None:
+      return read_rows(self.train_source, indices)
+    return {"x": self.train_x[indices], "y": self.train_y[indices]}
+
+  def example_x(self) -> np.ndarray:
+    """One training input with a batch axis: what a model is initialised on."""
+    return self.train_batch(np.arange(1))["x"]
+
+
+def read_rows(source, indices) -> dict[str, np.ndarray]:
+  """Rows of a random-access source stacked into {"key": [len(indices), ...]} arrays.
+
+  The source follows Grain's `RandomAccessDataSource` protocol: `len(source)`, and
+  `source[i]` (or `source.__getitems__(indices)`, tried first) giving a dict of numpy
+  values per row; `__getitems__` may also return the stacked dict directly.
+  """
+  indices = [int(i) for i in indices]
+  if hasattr(source, "__getitems__"):
+    rows = source.__getitems__(indices)
+    if isinstance(rows, dict):
+      return {k: np.asarray(v) for k, v in rows.items()}
+  else:
+    rows = [source[i] for i in indices]
+  return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+
+
+def from_sources(train, test, *, task: str = "classification", class_names=(),
+                 feature_names=(), stats: dict | None = None) -> Dataset:
+  """A Dataset over two random-access sources (rows are {"x": ..., "y": ...} dicts).
+
+  The training split stays in `train` and is read one batch at a time, in the trainer's
+  (seed, step)-pure order; the held-out split is read once, whole, for evaluation.
+  """
+  if len(train) == 0 or len(test) == 0:
+    raise UserError(f"data source: empty split (train {len(train)}, test {len(test)} rows)")
+  held_out = read_rows(test, np.arange(len(test)))
+  for key in ("x", "y"):
+    if key not in held_out:
+      raise UserError(f"data source: rows must be dicts with 'x' and 'y'; got keys"
+                      f" {sorted(held_out)}")
+  return Dataset(None, None, held_out["x"], held_out["y"], list(class_names),
+                 list(feature_names), dict(stats or {}), task=task, train_source=train)
 
 
 def load(config) -> Dataset:
-  """Builds the data set the config names. Raises UserError on bad config or data."""
-  source = config.data.source
-  if source == "csv":
-    columns = _split_list(config.data.feature_columns)
-    x, y, names = csv_source.read_table(config.data.path, config.data.label_column, columns)
-    where = config.data.path
-  elif source == "embedded":
-    loader = _EMBEDDED.get(config.data.name)
-    if loader is None:
-      raise UserError(f"config.data.name={config.data.name!r}: expected one of"
-                      f" {', '.join(sorted(_EMBEDDED))}")
-    from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-    bunch = getattr(sk_datasets, loader)()
-    x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
-    names = [str(n) for n in getattr(bunch, "feature_names", range(x.shape[1]))]
-    where = f"embedded:{config.data.name}"
-  elif source == "tfds":
-    train_x, train_y, test_x, test_y, class_names, names, stats = tfds_source.load(config)
-    return Dataset(train_x, train_y, test_x, test_y, class_names, names, stats)
-  elif source == "tokens":
-    train_x, train_y, test_x, test_y, stats = tokens.load(config)
-    return Dataset(train_x, train_y, test_x, test_y, [], [], stats, task="lm")
-  elif source == "synthetic":
-    x, y = _synthetic(config.seed, config.data.num_examples, config.data.num_features,
-                      config.data.num_classes)
-    names = [f"x{i}" for i in range(x.shape[1])]
-    where = "synthetic"
-  else:
-    raise UserError(f"config.data.source={source!r}: expected csv, embedded, synthetic, tfds"
-                    " or tokens")
-  x, y, class_names = _select_classes(where, x, y, config.data.classes)
-  dataset = _split(config, where, x, y, class_names, names)
+  """Builds the data set `config.data.source` names. Raises UserError on bad config or data.
+
+  A built-in source or a loader whose only parameter is `config` gets the whole config;
+  any other source (a user's `module:attribute`) is called with the other keys of
+  `config.data` as keyword arguments (plus `seed` when it takes one) and returns a
+  `Dataset`, e.g. from `from_sources`.
+  """
+  name = config.data.source
+  source = registry.resolve("data", name)
+  accepted = registry.accepted_keys(source)
+  if list(accepted) == ["config"]:
+    return source(config)
+  given = {k: v for k, v in config.data.items() if k != "source"}
+  if "seed" in accepted and "seed" not in given:
+    given["seed"] = config.seed
+  registry.check_keys("data", name, given, accepted)
+  dataset = source(**given)
+  if not isinstance(dataset, Dataset):
+    raise UserError(f"config.data.source={name!r} returned {type(dataset).__name__}; expected"
+                    " a trainer.data.Dataset (e.g. trainer.data.from_sources(train, test))")
+  return dataset
+
+
+def load_csv(config) -> Dataset:
+  """`csv`: a local or gs:// file with a label column (`config.data.path`)."""
+  columns = _split_list(config.data.feature_columns)
+  x, y, names = csv_source.read_table(config.data.path, config.data.label_column, columns)
+  return _classes_and_split(config, config.data.path, x, y, names)
+
+
+def load_embedded(config) -> Dataset:
+  """`embedded`: a data set that ships with scikit-learn (no download)."""
+  name = config.data.name
+  loader = _EMBEDDED.get(name) or _EMBEDDED_REGRESSION.get(name)
+  if loader is None:
+    raise UserError(f"config.data.name={name!r}: expected one of"
+                    f" {', '.join(sorted({**_EMBEDDED, **_EMBEDDED_REGRESSION}))}")
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  bunch = getattr(sk_datasets, loader)()
+  x = bunch.data.astype(np.float32)
+  names = [str(n) for n in getattr(bunch, "feature_names", range(x.shape[1]))]
+  where = f"embedded:{name}"
+  if name in _EMBEDDED_REGRESSION:
+    return split_regression(config, where, x, bunch.target.astype(np.float64), names,
+                            target_name="target")
+  dataset = _classes_and_split(config, where, x, bunch.target.astype(np.int64), names)
   if config.data.images:
-    if (source, config.data.name) != ("embedded", "digits"):
+    if name != "digits":
       raise UserError("config.data.images=True: only the embedded digits set has an image"
                       " form here; use config.data.source=tfds for image data sets")
     dataset.train_x = dataset.train_x.reshape(-1, 8, 8, 1)
     dataset.test_x = dataset.test_x.reshape(-1, 8, 8, 1)
   return dataset
+
+
+def load_synthetic(config) -> Dataset:
+  """`synthetic`: a learnable random classification problem (`_synthetic`)."""
+  x, y = _synthetic(config.seed, config.data.num_examples, config.data.num_features,
+                    config.data.num_classes)
+  names = [f"x{i}" for i in range(x.shape[1])]
+  return _classes_and_split(config, "synthetic", x, y, names)
+
+
+def load_tfds(config) -> Dataset:
+  """`tfds`: a prepared TensorFlow Datasets set, read by index (`tfds_source.py`)."""
+  train_x, train_y, test_x, test_y, class_names, names, stats = tfds_source.load(config)
+  return Dataset(train_x, train_y, test_x, test_y, class_names, names, stats)
+
+
+def load_tokens(config) -> Dataset:
+  """`tokens`: windows of a token stream for a language model (`tokens.py`)."""
+  train_x, train_y, test_x, test_y, stats = tokens.load(config)
+  return Dataset(train_x, train_y, test_x, test_y, [], [], stats, task="lm")
+
+
+def _classes_and_split(config, where, x, y, names) -> Dataset:
+  x, y, class_names = _select_classes(where, x, y, config.data.classes)
+  return _split(config, where, x, y, class_names, names)
+
+
+def split_regression(config, where, x, y, names, target_name: str = "target") -> Dataset:
+  """A random (unstratified) split of a regression problem, target standardised.
+
+  Features are standardised when `config.data.standardize`; the target always is, with
+  statistics fitted on the training split only (`stats["target"]`).
+  """
+  fraction = float(config.data.test_fraction)
+  if not 0.0 < fraction < 1.0:
+    raise UserError(f"config.data.test_fraction={fraction}: expected a value in (0, 1)")
+  if _split_list(config.data.classes):
+    raise UserError(f"{where}: config.data.classes={config.data.classes!r} applies to"
+                    " classification; expected it empty for a regression target")
+  if not np.all(np.isfinite(y)):
+    raise UserError(f"{where}: the regression target {target_name!r} has non-finite values")
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  train_x, test_x, train_y, test_y = model_selection.train_test_split(
+      x, y, test_size=fraction, random_state=config.seed)
+  stats = {}
+  if config.data.standardize:
+    train_x, test_x, stats = _standardize(train_x, test_x, names)
+  mean, std = float(train_y.mean()), float(train_y.std())
+  std = std if std > 0 else 1.0
+  stats["target"] = {"name": target_name, "mean": mean, "std": std}
+  return Dataset(train_x.astype(np.float32), ((train_y - mean) / std).astype(np.float32),
+                 test_x.astype(np.float32), ((test_y - mean) / std).astype(np.float32),
+                 [], list(names), stats, task="regression")
+
+
+def _standardize(train_x, test_x, names):
+  mean = train_x.mean(axis=0)
+  std = train_x.std(axis=0)
+  std = np.where(std > 0, std, 1.0)
+  stats = {"mean": mean.tolist(), "std": std.tolist(), "features": list(names)}
+  return (train_x - mean) / std, (test_x - mean) / std, stats
 
 
 def _split_list(value: str) -> list[str]:
@@ -131,12 +268,7 @@ def _split(config, where, x, y, class_names, names) -> Dataset:
       x, y, test_size=fraction, stratify=y, random_state=config.seed)
   stats = {}
   if config.data.standardize:
-    mean = train_x.mean(axis=0)
-    std = train_x.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    train_x = (train_x - mean) / std
-    test_x = (test_x - mean) / std
-    stats = {"mean": mean.tolist(), "std": std.tolist(), "features": list(names)}
+    train_x, test_x, stats = _standardize(train_x, test_x, names)
   return Dataset(train_x.astype(np.float32), train_y, test_x.astype(np.float32), test_y,
                  class_names, list(names), stats)
 

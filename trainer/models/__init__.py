@@ -1,125 +1,158 @@
-"""Models: flax modules whose `apply(params, x)` is pure; one registry keyed by name.
+"""Models: any flax Linen or NNX module behind one `Model` interface, named by the registry.
 
-A binary problem gets one output and a sigmoid (the tutorial's logistic regression);
-K > 2 classes get K outputs and a softmax. The `transformer` language model returns
-`[B, T, vocab]` logits, which the same softmax cross-entropy scores against `[B, T]`
-next-token labels.
+`config.model.name` is a built-in name (`logreg`, `mlp`, `cnn`, `transformer`, see
+`builtin.py`) or `module:attribute` naming a Linen module class, an NNX module class or
+a factory function returning a Linen module. The other keys of `config.model` are its
+keyword arguments; a key it does not take is an error naming the model and the keys it
+accepts. `num_outputs`, when the model takes it and the config does not set it, comes
+from the task (1 for a binary classifier or a regression, K for K classes).
+
+An NNX module is wrapped with `flax.nnx.bridge.to_linen`, so every model's state is the
+same pytree of variable collections: `params` (trained) and, when the model has them,
+mutable collections such as BatchNorm's `batch_stats` (the TrainState's `model_state`).
+A module whose `__call__` takes `train` gets `train=True` in the training step (Dropout
+active, batch statistics updated) and `train=False` in evaluation and prediction; its
+Dropout draws from the `dropout` RNG stream, which the step derives from (seed, step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
+import ml_collections
 
+from trainer import registry
 from trainer.errors import UserError
-from trainer.models import cnn
-from trainer.models import transformer
-
-_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "tanh": jnp.tanh}
 
 
-class LogisticRegression(nn.Module):
-  """Logistic (one output) or softmax (K outputs) regression: one dense layer."""
-
-  num_outputs: int
-  dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(self.num_outputs, dtype=self.dtype, name="linear")(x)
+def _is_nnx_class(obj) -> bool:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return isinstance(obj, type) and issubclass(obj, nnx.Module)
 
 
-class MLP(nn.Module):
-  """Fully connected network with the given hidden widths."""
-
-  hidden: Sequence[int]
-  num_outputs: int
-  activation: str = "relu"
-  dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
-
-  @nn.compact
-  def __call__(self, x):
-    act = _ACTIVATIONS[self.activation]
-    for i, width in enumerate(self.hidden):
-      x = act(nn.Dense(width, dtype=self.dtype, name=f"hidden_{i}")(x))
-    return nn.Dense(self.num_outputs, dtype=self.dtype, name="head")(x)
+def _module_from(obj, kwargs: dict):
+  """A Linen module from a Linen class, an NNX class or a factory, with `kwargs`."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  if _is_nnx_class(obj):
+    from flax.nnx import bridge  # pylint: disable=g-import-not-at-top
+    return bridge.to_linen(obj, **kwargs)
+  module = obj(**kwargs)
+  if not isinstance(module, nn.Module):
+    raise UserError(f"config.model.name: {obj!r} returned {type(module).__name__}; expected a"
+                    " flax Linen module (or name an NNX module class)")
+  return module
 
 
-def num_outputs(num_classes: int) -> int:
-  return 1 if num_classes == 2 else num_classes
+class Model:
+  """One interface over Linen and NNX modules: init, and apply with or without training."""
+
+  def __init__(self, module, name: str = ""):
+    self.module = module
+    self.name = name or type(module).__name__
+    call = module.__call__ if not hasattr(module, "nnx_class") else module.nnx_class.__call__
+    self._takes_train = "train" in inspect.signature(call).parameters
+
+  def _train_kwargs(self, train: bool) -> dict:
+    return {"train": train} if self._takes_train else {}
+
+  def init(self, rng, x) -> tuple[Any, Any]:
+    """(params, model_state) for an example input; model_state is None when stateless."""
+    # `rng` itself is the params stream (as in `module.init(rng, x)`), so a model without
+    # dropout initialises exactly as it always did.
+    rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
+    variables = dict(self.module.init(rngs, x, **self._train_kwargs(False)))
+    params = variables.pop("params")
+    return params, (variables or None)
+
+  def apply(self, params, model_state, x, *, train: bool = False, rng=None):
+    """(outputs, new model_state). `rng` feeds the `dropout` stream when training."""
+    variables = {"params": params, **(model_state or {})}
+    rngs = {"dropout": rng} if rng is not None else None
+    kwargs = self._train_kwargs(train)
+    if train and model_state:
+      outputs, updates = self.module.apply(variables, x, rngs=rngs, mutable=list(model_state),
+                                           **kwargs)
+      return outputs, dict(updates)
+    return self.module.apply(variables, x, rngs=rngs, **kwargs), model_state
+
+  def eval_apply(self, variables, x):
+    """Outputs in evaluation mode for `{"params": ..., **model_state}` (jit-able, stable)."""
+    return self.module.apply(variables, x, **self._train_kwargs(False))
 
 
-def create(config, num_classes: int) -> nn.Module:
-  """Returns the flax module the config names. Raises UserError for an unknown name."""
-  name = config.model.name
-  outputs = num_outputs(num_classes)
-  if name in ("logreg", "mlp", "cnn"):
-    try:
-      dtype = transformer.compute_dtype(config.model.dtype)
-    except KeyError:
-      raise UserError(f"config.model.dtype={config.model.dtype!r}: expected float32 or"
-                      " bfloat16") from None
-  if name == "logreg":
-    return LogisticRegression(outputs, dtype)
-  if name == "mlp":
-    if config.model.activation not in _ACTIVATIONS:
-      raise UserError(f"config.model.activation={config.model.activation!r}: expected one of"
-                      f" {', '.join(_ACTIVATIONS)}")
-    hidden = tuple(int(h) for h in config.model.hidden)
-    return MLP(hidden, outputs, config.model.activation, dtype)
-  if name == "cnn":
-    return cnn.CNN(outputs, tuple(int(f) for f in config.model.conv_features),
-                   int(config.model.dense), dtype)
-  if name == "transformer":
-    return _transformer(config.model)
-  raise UserError(f"config.model.name={name!r}: expected logreg, mlp, cnn or transformer")
+def create(model_config, num_outputs: int | None = None) -> Model:
+  """The model `model_config` names (`name` plus its keyword arguments).
 
-
-def _transformer(model) -> nn.Module:
-  """The causal LM of `transformer.py`; its vocabulary comes from the config, not the data."""
+  Raises:
+    UserError: unknown model, a key it does not take, or a bad value.
+  """
+  name = model_config["name"]
+  obj = registry.resolve("model", name)
+  accepted = registry.accepted_keys(obj)
+  given = {k: _plain(v) for k, v in model_config.items() if k != "name"}
+  registry.check_keys("model", name, given,
+                      {k: v for k, v in accepted.items() if k != "num_outputs"})
+  if "num_outputs" in accepted and "num_outputs" not in given:
+    if num_outputs is None:
+      raise UserError(f"config.model.name={name!r} takes num_outputs, which this task does not"
+                      " set; give config.model.num_outputs")
+    given["num_outputs"] = num_outputs
   try:
-    dtype = transformer.compute_dtype(model.dtype)
-  except KeyError:
-    raise UserError(f"config.model.dtype={model.dtype!r}: expected float32 or bfloat16") from None
-  try:
-    attention = transformer.attention_implementation(model.attention)
-  except KeyError:
-    raise UserError(f"config.model.attention={model.attention!r}: expected xla, cudnn or"
-                    " auto") from None
-  for key in ("vocab_size", "seq_len", "d_model", "num_layers", "num_heads"):
-    if int(model[key]) <= 0:
-      raise UserError(f"config.model.{key}={model[key]!r}: expected a positive integer")
-  if model.d_model % model.num_heads:
-    raise UserError(f"config.model.d_model={model.d_model} must be a multiple of"
-                    f" config.model.num_heads={model.num_heads}")
-  return transformer.TransformerLM(
-      vocab_size=int(model.vocab_size), seq_len=int(model.seq_len), d_model=int(model.d_model),
-      num_layers=int(model.num_layers), num_heads=int(model.num_heads),
-      mlp_ratio=int(model.mlp_ratio), tie_embeddings=bool(model.tie_embeddings), dtype=dtype,
-      attention=attention)
+    module = _module_from(obj, given)
+  except UserError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise UserError(f"config.model ({name!r}): {e}") from None
+  return Model(module, name if isinstance(name, str) else getattr(name, "__name__", ""))
 
 
-def loss_per_example(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Cross-entropy in float32 (also for bf16 logits): sigmoid for one output, else softmax."""
-  logits = logits.astype(jnp.float32)
-  if logits.shape[-1] == 1:
-    return optax.sigmoid_binary_cross_entropy(logits[..., 0], labels.astype(logits.dtype))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """`config.model` for `name`: every key it accepts with its default, then `overrides`.
+
+  A workload file sets `config.model = models.config("mlp", hidden=(64,))`, so every
+  key of the model exists in the config and `--config.model.KEY=...` can override it.
+  A required key (no default) must be in `overrides`.
+  """
+  obj = registry.resolve("model", name)
+  accepted = {k: v for k, v in registry.accepted_keys(obj).items() if k != "num_outputs"}
+  registry.check_keys("model", name, overrides, accepted)
+  values = {k: v for k, v in accepted.items() if v is not registry.REQUIRED}
+  values.update(overrides)
+  return ml_collections.ConfigDict({"name": name, **{k: _config_value(v)
+                                                     for k, v in values.items()}})
 
 
-def probabilities(logits: jax.Array) -> jax.Array:
-  """Class probabilities [..., num_classes], also for the one-output binary model."""
-  if logits.shape[-1] == 1:
-    p1 = jax.nn.sigmoid(logits[..., 0])
-    return jnp.stack([1.0 - p1, p1], axis=-1)
-  return jax.nn.softmax(logits, axis=-1)
+def explain_override(config_path: str, key: str, name: str | None = None) -> str:
+  """Why `--config.model.KEY=...` cannot apply to the config file at `config_path`.
+
+  Overrides only change keys the config file has (ml_collections cannot add one from the
+  command line); `models.config(name, ...)` in the file gives every key the model takes.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_jaxjob_config", config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  name = name or module.get_config().model.name
+  accepted = {k for k in registry.accepted_keys(registry.resolve("model", name))
+              if k != "num_outputs"}
+  if key not in accepted:
+    return (f"config.model.{key}: model {name!r} takes no such key; it accepts"
+            f" {', '.join(sorted(accepted)) or 'none'}")
+  return (f"config.model.{key}: model {name!r} takes it, but {config_path} does not set it;"
+          f" overrides change only keys the config file has (set config.model with"
+          f" models.config({name!r}, ...), which lists every key)")
 
 
-def predictions(logits: jax.Array) -> jax.Array:
-  if logits.shape[-1] == 1:
-    return (logits[..., 0] > 0).astype(jnp.int32)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _config_value(value):
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _plain(value):
+  """ConfigDict values as the plain Python values a constructor expects."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return value.to_dict()
+  return value
+
+
