@@ -3,9 +3,12 @@
     python -m trainer.predict --workdir=runs/mobile_price-... \
         --input=../shared/data/mobile-price/test.csv --output=predictions.csv
 
-Loads the run's config (run.json), standardisation statistics (data_stats.json) and
-newest committed checkpoint, and writes one row per input row: the passthrough id
-column when present, the predicted label and one probability column per class. The
+Loads the run's config (run.json), preprocessing and standardisation statistics
+(data_stats.json) and newest committed checkpoint, and writes one row per input row: the
+passthrough id column when present, then the predicted label (a class name as written in
+the training data) and one probability column per class, or for a regression the
+predicted `value`. Input cells go through the run's preprocessing (trainer/data/tabular.py:
+categories, empty cells). The
 model is written for one example; `jax.vmap` turns it into a batched function, the
 tutorial's point about automatic vectorisation. Exit 2 with one line for a missing
 run, a missing or unknown column, or a bad cell.
@@ -13,6 +16,7 @@ run, a missing or unknown column, or a bad cell.
 
 from __future__ import annotations
 
+import csv
 import io
 import sys
 
@@ -48,17 +52,25 @@ def load_run(workdir: str):
 
 
 def predict(config, stats: dict, params, x: np.ndarray) -> np.ndarray:
-  """Class probabilities [n, classes] for standardised-on-the-fly raw features `x`."""
+  """Class probabilities [n, classes] (regression: values [n]) for encoded features `x`.
+
+  `x` is standardised here, on the fly; categorical and empty cells are already encoded
+  (`tabular.Preprocessor.read_rows`).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from trainer import models  # pylint: disable=g-import-not-at-top
+  from trainer.data import tabular  # pylint: disable=g-import-not-at-top
   if stats.get("mean"):
     x = (x - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
-  model = models.create(config, len(stats["classes"]))
+  regression = "target" in stats
+  model = models.create(config, 2 if regression else len(stats["classes"]))  # 2: one output
 
   def one_example(features):  # [d] -> [classes]
-    return models.probabilities(model.apply({"params": params}, features))
+    outputs = model.apply({"params": params}, features)
+    return outputs if regression else models.probabilities(outputs)
 
-  return np.asarray(jax.jit(jax.vmap(one_example))(x))
+  outputs = np.asarray(jax.jit(jax.vmap(one_example))(x))
+  return tabular.target_values(stats, outputs) if regression else outputs
 
 
 def main(argv):
@@ -66,24 +78,32 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from trainer.data import csv_source  # pylint: disable=g-import-not-at-top
+  from trainer.data import tabular  # pylint: disable=g-import-not-at-top
   try:
     config, stats, params = load_run(_WORKDIR.value)
     passthrough = [_ID_COLUMN.value, config.data.label_column]
-    x, extra = csv_source.read_features(_INPUT.value, stats["features"], passthrough)
+    prep = tabular.Preprocessor.from_stats(stats)
+    frame, extra = csv_source.read_features(_INPUT.value, prep.columns, passthrough)
+    x = prep.read_rows(_INPUT.value, frame)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  probs = predict(config, stats, params, x)
+  outputs = predict(config, stats, params, x)
   classes = stats["classes"]
   out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")  # class names may hold commas or quotes
   id_values = extra.get(_ID_COLUMN.value)
-  header = ([_ID_COLUMN.value] if id_values else []) + ["label"] + [f"p_{c}" for c in classes]
-  out.write(",".join(header) + "\n")
-  for i, row in enumerate(probs):
-    cells = ([id_values[i]] if id_values else []) + [classes[int(np.argmax(row))]]
-    out.write(",".join(cells + [f"{p:.6f}" for p in row]) + "\n")
+  head = [_ID_COLUMN.value] if id_values else []
+  writer.writerow(head + (["value"] if "target" in stats else
+                          ["label"] + [f"p_{c}" for c in classes]))
+  for i, row in enumerate(outputs):
+    cells = [id_values[i]] if id_values else []
+    if "target" in stats:
+      writer.writerow(cells + [f"{float(row):.9g}"])
+    else:
+      writer.writerow(cells + [classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row])
   storage.write_text(_OUTPUT.value, out.getvalue())
-  print(f"wrote {len(probs)} predictions to {_OUTPUT.value}")
+  print(f"wrote {len(outputs)} predictions to {_OUTPUT.value}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from trainer.data import csv_source
+from trainer.data import tabular
 from trainer.data import tfds_source
 from trainer.data import tokens
 from trainer.errors import UserError
@@ -33,13 +33,13 @@ _EMBEDDED = {
 class Dataset:
   """A train/test split. `lm`: x and y are `tokens.TokenWindows` ([n, T] int32 each)."""
   train_x: np.ndarray  # float32 [n_train, d], standardised when asked
-  train_y: np.ndarray  # int32 [n_train], in [0, num_classes)
+  train_y: np.ndarray  # int32 [n_train], in [0, num_classes); regression: float32, standardised
   test_x: np.ndarray
   test_y: np.ndarray
   class_names: list[str]  # original label of each class index
   feature_names: list[str]
   stats: dict  # {"mean": [...], "std": [...]} fitted on train_x, or {} when not standardised
-  task: str = "classification"  # or "lm": next-token prediction, y = x shifted by one
+  task: str = "classification"  # "regression" (csv); "lm": next-token prediction, y = x[1:]
 
   @property
   def num_classes(self) -> int:
@@ -52,10 +52,10 @@ class Dataset:
 
 def load(config) -> Dataset:
   """Builds the data set the config names. Raises UserError on bad config or data."""
+  tabular.check_config(config)
   source = config.data.source
-  if source == "csv":
-    columns = _split_list(config.data.feature_columns)
-    x, y, names = csv_source.read_table(config.data.path, config.data.label_column, columns)
+  if source == "csv":  # x: typed columns, encoded by _split with training statistics
+    x, y, names = tabular.read_csv(config)
     where = config.data.path
   elif source == "embedded":
     loader = _EMBEDDED.get(config.data.name)
@@ -81,7 +81,9 @@ def load(config) -> Dataset:
   else:
     raise UserError(f"config.data.source={source!r}: expected csv, embedded, synthetic, tfds"
                     " or tokens")
-  x, y, class_names = _select_classes(where, x, y, config.data.classes)
+  class_names = []
+  if config.data.task != "regression":
+    x, y, class_names = _select_classes(where, x, y, config.data.classes)
   dataset = _split(config, where, x, y, class_names, names)
   if config.data.images:
     if (source, config.data.name) != ("embedded", "digits"):
@@ -97,24 +99,25 @@ def _split_list(value: str) -> list[str]:
 
 
 def _select_classes(where, x, y, classes: str):
-  """Keeps the listed label values (all when empty) and maps them to 0..K-1."""
+  """Keeps the listed label values (all when empty) and maps them to 0..K-1.
+
+  Class order: by value for integer labels, as sorted strings for string labels.
+  """
   present = np.unique(y)
-  if _split_list(classes):
-    try:
-      wanted = np.array(sorted(int(c) for c in _split_list(classes)))
-    except ValueError:
-      raise UserError(f"config.data.classes={classes!r}: expected comma-separated"
-                      " integer labels, e.g. 0,1") from None
-    absent = [int(c) for c in wanted if c not in present]
+  names = [str(c) for c in present]
+  listed = _split_list(classes)
+  if listed:
+    absent = [c for c in listed if c not in names]
     if absent:
-      raise UserError(f"{where}: config.data.classes lists {absent}, which never occur;"
-                      f" labels present: {present.tolist()}")
+      raise UserError(f"{where}: config.data.classes={classes!r} lists {absent}, which never"
+                      f" occur; labels present: {names}")
+    wanted = present[np.isin(names, listed)]
     keep = np.isin(y, wanted)
     x, y = x[keep], y[keep]
   else:
     wanted = present
   if len(wanted) < 2:
-    raise UserError(f"{where}: need at least 2 classes, found {wanted.tolist()}")
+    raise UserError(f"{where}: need at least 2 classes, found {[str(c) for c in wanted]}")
   return x, np.searchsorted(wanted, y).astype(np.int32), [str(c) for c in wanted]
 
 
@@ -122,23 +125,30 @@ def _split(config, where, x, y, class_names, names) -> Dataset:
   fraction = float(config.data.test_fraction)
   if not 0.0 < fraction < 1.0:
     raise UserError(f"config.data.test_fraction={fraction}: expected a value in (0, 1)")
-  counts = np.bincount(y, minlength=len(class_names))
-  if counts.min() < 2:
+  regression = config.data.task == "regression"  # a plain split, a standardised target
+  counts = np.bincount(y, minlength=len(class_names)) if not regression else None
+  if counts is not None and counts.min() < 2:
     raise UserError(f"{where}: class {class_names[int(counts.argmin())]!r} has"
                     f" {counts.min()} example(s); a stratified split needs at least 2")
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      x, y, test_size=fraction, stratify=y, random_state=config.seed)
+      x, y, test_size=fraction, stratify=None if regression else y, random_state=config.seed)
   stats = {}
+  if isinstance(train_x, tabular.pd.DataFrame):  # a CSV: encoded with training statistics
+    prep = tabular.Preprocessor.fit(train_x, config.data.missing)
+    train_x, test_x, names = prep.transform(train_x), prep.transform(test_x), prep.feature_names
+    stats["preprocess"] = prep.to_json()
+  if regression:
+    train_y, test_y, stats["target"] = tabular.standardize_target(train_y, test_y)
   if config.data.standardize:
     mean = train_x.mean(axis=0)
     std = train_x.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     train_x = (train_x - mean) / std
     test_x = (test_x - mean) / std
-    stats = {"mean": mean.tolist(), "std": std.tolist(), "features": list(names)}
+    stats.update(mean=mean.tolist(), std=std.tolist(), features=list(names))
   return Dataset(train_x.astype(np.float32), train_y, test_x.astype(np.float32), test_y,
-                 class_names, list(names), stats)
+                 class_names, list(names), stats, task=config.data.task)
 
 
 def _synthetic(seed: int, n: int, d: int, k: int):
