@@ -130,6 +130,11 @@ def _split(config, where, x, y, class_names, names) -> Dataset:
   if counts is not None and counts.min() < 2:
     raise UserError(f"{where}: class {class_names[int(counts.argmin())]!r} has"
                     f" {counts.min()} example(s); a stratified split needs at least 2")
+  n_test = int(np.ceil(fraction * len(y)))  # as scikit-learn rounds it
+  if min(n_test, len(y) - n_test) < max(len(class_names), 1):
+    both = f" with all {len(class_names)} classes in both" if class_names else ""
+    raise UserError(f"{where}: {len(y)} rows are too few for config.data.test_fraction="
+                    f"{fraction}{both}: expected more rows")
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   train_x, test_x, train_y, test_y = model_selection.train_test_split(
       x, y, test_size=fraction, stratify=None if regression else y, random_state=config.seed)
