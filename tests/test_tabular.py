@@ -158,6 +158,8 @@ def test_unseen_category_is_all_zeros_and_statistics_are_train_only():
   saved = tabular.Preprocessor.from_stats(
       json.loads(json.dumps({"preprocess": prep.to_json()})))
   assert saved == prep
+  legacy = tabular.Preprocessor.from_stats({"features": ["n", "m"], "mean": [0, 0]})
+  assert legacy == tabular.Preprocessor(["n", "m"], {}, {}, "")  # runs with numbers only
 
 
 def test_drop_policy_removes_rows_with_an_empty_cell(tmp_path):

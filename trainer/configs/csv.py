@@ -9,7 +9,8 @@ integer labels; columns without numbers are one-hot encoded
 an empty cell is an error unless `--config.data.missing=drop|mean|median|most_frequent`.
 A numeric target: `--config.data.task=regression`. Softmax (logistic) regression on
 standardised features; `--config.model.name=mlp` for a hidden-layer network. The rules
-and the accuracy against scikit-learn: README, "Your own CSV"; about 15 s here.
+and the accuracy against scikit-learn: README, "Your own CSV". About 25 s on 2 CPU
+cores for scikit-learn's wine table (178 rows).
 """
 
 from trainer.configs import base
