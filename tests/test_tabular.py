@@ -216,6 +216,35 @@ def test_bad_tabular_input_is_one_line(tmp_path, text, overrides, expected):
   assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+def test_prediction_rows_follow_the_trained_policy():
+  rows = pd.DataFrame({"n": ["1.5", ""], "c": ["x", "x"]}, index=[0, 1])
+  strict = tabular.Preprocessor(["n", "c"], {"c": ["x"]}, {}, "")
+  with pytest.raises(UserError, match="rows.csv: line 3, column 'n': empty cell .the model was"
+                                      " trained with no empty cells"):
+    strict.read_rows("rows.csv", rows)
+  filling = tabular.Preprocessor(["n", "c"], {"c": ["x"]}, {"n": 4.0, "c": "x"}, "median")
+  np.testing.assert_array_equal(filling.read_rows("rows.csv", rows), [[1.5, 1], [4, 1]])
+  with pytest.raises(UserError, match="line 2, column 'n': 'high' is not a finite number"):
+    filling.read_rows("rows.csv", rows.replace("1.5", "high"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,expected", [
+    ([], "line 2, column 'a': empty cell"),
+    # Rows dropped, then a later bad-input error: still one line on stderr.
+    (["--config.data.missing=drop", "--config.train.batch_size=100"], "multiple of the device"),
+])
+def test_cli_bad_tabular_input_is_exit_2_one_line(tmp_path, flags, expected):
+  path = _write_text(tmp_path / "t.csv", "a,b,y\n,1,x\n" + "1,2,x\n3,4,y\n" * 10)
+  workdir = tmp_path / "run"
+  proc = run_trainer(["--config=trainer/configs/csv.py", f"--config.data.path={path}",
+                      "--config.data.label_column=y", *flags, f"--workdir={workdir}"],
+                     timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+  assert not workdir.exists()
+
+
 def test_csv_fields_are_rejected_for_other_sources():
   config = tiny_config("breast_cancer.py", data__categorical_columns="mean radius")
   with pytest.raises(UserError, match="only config.data.source=csv has it"):
@@ -267,6 +296,11 @@ def test_wine_with_names_categories_and_empty_cells_trains_and_predicts(tmp_path
   assert table["id"].tolist() == rows["id"].tolist()
   np.testing.assert_allclose(table.iloc[:, 2:].sum(axis=1), 1.0, atol=1e-5)
   assert (table["label"] == frame["Cultivar"]).mean() > 0.9
+
+  word = rows.assign(alcohol=rows["alcohol"].where(rows.index != 5, "strong"))
+  proc = _predict(workdir, _write(word, tmp_path / "word.csv"), tmp_path / "word_pred.csv")
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert "line 7, column 'alcohol': 'strong' is not a finite number" in proc.stderr
 
   bad = rows.rename(columns={"hue": "Hue"})
   proc = _predict(workdir, _write(bad, tmp_path / "bad.csv"), tmp_path / "bad_pred.csv")

@@ -16,8 +16,8 @@ The rules, said once (README, "Your own CSV"):
 - The one-hot vocabulary of each categorical column (sorted), the filling values and a
   regression target's mean and standard deviation are fitted on the training split only
   and saved in `data_stats.json` (`preprocess`, `target`). A category that the training
-  split never had is encoded as all zeros, with a warning, in the test split and at
-  prediction; a model cannot say anything better about it.
+  split never had is encoded as all zeros in the test split and at prediction (with a
+  warning there); a model cannot say anything better about it.
 """
 
 from __future__ import annotations
@@ -109,13 +109,13 @@ def _drop_empty(url, frame, columns, label_column, missing) -> pd.DataFrame:
   dropped = frame[label_column] == ""
   if missing == "drop":
     dropped |= (frame[columns] == "").any(axis=1)
-  if dropped.any():
-    logging.warning("%s: dropped %d of %d rows with an empty %s (config.data.missing=%s)",
-                    url, int(dropped.sum()), len(frame),
-                    "cell" if missing == "drop" else "label", missing)
   if dropped.all():
     raise UserError(f"{url}: every row has an empty cell; config.data.missing={missing}"
                     " leaves no data")
+  if dropped.any():  # INFO: a bad-input error may still follow, and it gets one line
+    logging.info("%s: dropped %d of %d rows with an empty %s (config.data.missing=%s)",
+                 url, int(dropped.sum()), len(frame),
+                 "cell" if missing == "drop" else "label", missing)
   return frame[~dropped.to_numpy()]
 
 
@@ -203,8 +203,12 @@ class Preprocessor:
       names += [f"{column}={v}" for v in vocab] if vocab is not None else [column]
     return names
 
-  def transform(self, frame: pd.DataFrame) -> np.ndarray:
-    """float32 [n, len(feature_names)] for typed columns; empty cells filled."""
+  def transform(self, frame: pd.DataFrame, log=logging.info) -> np.ndarray:
+    """float32 [n, len(feature_names)] for typed columns; empty cells filled.
+
+    Unseen categories are reported through `log`: INFO in training, where a bad-input
+    error may still follow and must stay one line; a warning at prediction.
+    """
     blocks = []
     for column in self.columns:
       cells = frame[column]
@@ -216,9 +220,8 @@ class Preprocessor:
       vocab = self.categories[column]
       unseen = cells.notna() & ~cells.isin(vocab)
       if unseen.any():
-        logging.warning("column %r: %d row(s) with a category the training split never had"
-                        " (%r first), encoded as all zeros", column, int(unseen.sum()),
-                        cells[unseen].iloc[0])
+        log("column %r: %d row(s) with a category the training split never had (%r first),"
+            " encoded as all zeros", column, int(unseen.sum()), cells[unseen].iloc[0])
       values = cells.to_numpy(object)[:, None]
       blocks.append((values == np.asarray(vocab, object)[None, :]).astype(np.float32))
     return np.concatenate(blocks, axis=1)
@@ -228,7 +231,7 @@ class Preprocessor:
     if self.missing not in _FILLS:
       trained = f"config.data.missing={self.missing}" if self.missing else "no empty cells"
       _first_empty(url, frame, self.columns, f"the model was trained with {trained}")
-    return self.transform(parse(url, frame, list(self.categories)))
+    return self.transform(parse(url, frame, list(self.categories)), log=logging.warning)
 
   def to_json(self) -> dict:
     return {"columns": self.columns, "categories": self.categories, "fill": self.fill,
