@@ -5,6 +5,7 @@ CSV here with string labels, a categorical column and a few empty cells; the ref
 is scikit-learn fitted on the same split.
 """
 
+import io
 import json
 import subprocess
 import sys
@@ -226,6 +227,18 @@ def test_prediction_rows_follow_the_trained_policy():
   np.testing.assert_array_equal(filling.read_rows("rows.csv", rows), [[1.5, 1], [4, 1]])
   with pytest.raises(UserError, match="line 2, column 'n': 'high' is not a finite number"):
     filling.read_rows("rows.csv", rows.replace("1.5", "high"))
+
+
+def test_prediction_file_quotes_class_names_and_writes_regression_values():
+  stats = {"classes": ["a, b", 'say "c"']}
+  text = tabular.prediction_csv(stats, np.array([[0.25, 0.75], [0.9, 0.1]]), "id", ["7", "8"])
+  table = pd.read_csv(io.StringIO(text), dtype=str)
+  assert list(table.columns) == ["id", "label", "p_a, b", 'p_say "c"']
+  assert table["label"].tolist() == ['say "c"', "a, b"] and table["id"].tolist() == ["7", "8"]
+  values = tabular.target_values({"target": {"mean": 100.0, "std": 20.0}},
+                                 np.array([[0.5], [-1.0]]))
+  text = tabular.prediction_csv({"classes": [], "target": {}}, values, "id", None)
+  assert text == "value\n110\n80\n"
 
 
 @pytest.mark.slow

@@ -5,19 +5,16 @@
 
 Loads the run's config (run.json), preprocessing and standardisation statistics
 (data_stats.json) and newest committed checkpoint, and writes one row per input row: the
-passthrough id column when present, then the predicted label (a class name as written in
-the training data) and one probability column per class, or for a regression the
-predicted `value`. Input cells go through the run's preprocessing (trainer/data/tabular.py:
-categories, empty cells). The
-model is written for one example; `jax.vmap` turns it into a batched function, the
-tutorial's point about automatic vectorisation. Exit 2 with one line for a missing
-run, a missing or unknown column, or a bad cell.
+passthrough id column when present, the predicted label (a class name as written in the
+training data) and one probability column per class, or a regression's `value`. Input
+cells go through the run's preprocessing (trainer/data/tabular.py: categories, empty
+cells). The model is written for one example; `jax.vmap` turns it into a batched
+function, the tutorial's point about automatic vectorisation. Exit 2 with one line for a
+missing run, a missing or unknown column, or a bad cell.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
 
 from absl import app
@@ -89,20 +86,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   outputs = predict(config, stats, params, x)
-  classes = stats["classes"]
-  out = io.StringIO()
-  writer = csv.writer(out, lineterminator="\n")  # class names may hold commas or quotes
-  id_values = extra.get(_ID_COLUMN.value)
-  head = [_ID_COLUMN.value] if id_values else []
-  writer.writerow(head + (["value"] if "target" in stats else
-                          ["label"] + [f"p_{c}" for c in classes]))
-  for i, row in enumerate(outputs):
-    cells = [id_values[i]] if id_values else []
-    if "target" in stats:
-      writer.writerow(cells + [f"{float(row):.9g}"])
-    else:
-      writer.writerow(cells + [classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row])
-  storage.write_text(_OUTPUT.value, out.getvalue())
+  text = tabular.prediction_csv(stats, outputs, _ID_COLUMN.value, extra.get(_ID_COLUMN.value))
+  storage.write_text(_OUTPUT.value, text)
   print(f"wrote {len(outputs)} predictions to {_OUTPUT.value}")
 
 

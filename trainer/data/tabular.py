@@ -22,7 +22,9 @@ The rules, said once (README, "Your own CSV"):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 
 from absl import logging
 import numpy as np
@@ -261,3 +263,20 @@ def target_values(stats: dict, outputs: np.ndarray) -> np.ndarray:
   """A regression model's standardised outputs [n] or [n, 1] -> values in target units."""
   target = stats["target"]
   return np.reshape(outputs, (-1,)) * target["std"] + target["mean"]
+
+
+def prediction_csv(stats: dict, outputs: np.ndarray, id_column: str, ids: list | None) -> str:
+  """The prediction file: [id,] label, p_<class>... per row, or [id,] value (regression)."""
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")  # class names may hold commas or quotes
+  head = [id_column] if ids else []
+  regression = "target" in stats
+  classes = stats.get("classes", [])
+  writer.writerow(head + (["value"] if regression else ["label"] + [f"p_{c}" for c in classes]))
+  for i, row in enumerate(outputs):
+    cells = [ids[i]] if ids else []
+    if regression:
+      writer.writerow(cells + [f"{float(row):.9g}"])
+    else:
+      writer.writerow(cells + [classes[int(np.argmax(row))]] + [f"{p:.6f}" for p in row])
+  return out.getvalue()
