@@ -13,11 +13,12 @@ The rules, said once (README, "Your own CSV"):
   row, or fill it with the training split's `mean`, `median` or `most_frequent` value of
   its column (a categorical column is always filled with its most frequent category).
   Under any of these a row without a label is dropped; there is no label to fill.
-- The one-hot vocabulary of each categorical column (sorted), the filling values and a
-  regression target's mean and standard deviation are fitted on the training split only
-  and saved in `data_stats.json` (`preprocess`, `target`). A category that the training
-  split never had is encoded as all zeros in the test split and at prediction (with a
-  warning there); a model cannot say anything better about it.
+- The one-hot vocabulary of each categorical column (sorted; more than `MAX_CATEGORIES`
+  values is an error), the filling values and a regression target's mean and standard
+  deviation are fitted on the training split only and saved in `data_stats.json`
+  (`preprocess`, `target`). A category that the training split never had is encoded as
+  all zeros in the test split and at prediction (with a warning there); a model cannot
+  say anything better about it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from trainer.errors import UserError
 TASKS = ("classification", "regression")
 MISSING = ("", "mean", "median", "most_frequent", "drop")
 _FILLS = ("mean", "median", "most_frequent")
+# One-hot columns per categorical column: more is an id or free text, and would fill memory
+# (a million distinct values x a million rows).
+MAX_CATEGORIES = 1000
 _MISSING_HINT = "config.data.missing=drop|mean|median|most_frequent handles empty cells"
 
 
@@ -182,6 +186,10 @@ class Preprocessor:
       numeric = pd.api.types.is_numeric_dtype(frame[column])
       if not numeric:
         categories[column] = sorted(values.unique().tolist())
+        if len(categories[column]) > MAX_CATEGORIES:
+          raise UserError(f"categorical column {column!r} has {len(categories[column])}"
+                          f" distinct values in the training split, more than {MAX_CATEGORIES}"
+                          " for one-hot encoding: leave it out with config.data.feature_columns")
       if missing not in _FILLS:
         continue
       if values.empty:
