@@ -86,16 +86,20 @@ def read_csv(config):
   if unknown:
     raise UserError(f"config.data.categorical_columns lists {', '.join(map(repr, unknown))},"
                     f" not a feature column of {url}; features are {', '.join(columns)}")
-  categorical = [c for c in columns if c in declared or not _numeric_cells(frame[c]).any()]
   frame = _drop_empty(url, frame, columns, data.label_column, data.missing)
   labels = _labels(url, frame[data.label_column], data.label_column, data.task)
-  return parse(url, frame[columns], categorical), labels, columns
+  return parse(url, frame[columns], declared, detect=True), labels, columns
 
 
-def _numeric_cells(cells: pd.Series) -> pd.Series:
-  """Which non-empty cells are written as numbers (nan and inf included)."""
-  nan_spelling = cells.str.lower().isin(["nan", "+nan", "-nan"])
-  return (pd.to_numeric(cells, errors="coerce").notna() | nan_spelling) & (cells != "")
+def _numbers(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+  """(float64 values, written as a number) of text cells; an empty cell is NaN, False."""
+  empty = (cells == "").to_numpy()
+  try:  # the fast path, for a column without words
+    return cells.where(~empty, "nan").astype(np.float64).to_numpy(), ~empty
+  except ValueError:
+    values = pd.to_numeric(cells, errors="coerce").to_numpy(np.float64)
+    nan_spelling = cells.str.lower().isin(["nan", "+nan", "-nan"]).to_numpy()
+    return values, (~np.isnan(values) | nan_spelling) & ~empty
 
 
 def _first_empty(url: str, frame: pd.DataFrame, columns: list[str], hint: str):
@@ -125,23 +129,23 @@ def _drop_empty(url, frame, columns, label_column, missing) -> pd.DataFrame:
   return frame[~dropped.to_numpy()]
 
 
-def _not_finite(url, cells: pd.Series, row: int, column: str, numbers_expected: str):
-  cell = cells.iloc[row]
-  hint = ""
-  if not _numeric_cells(cells.iloc[row:row + 1]).iloc[0]:
-    hint = f" ({numbers_expected})"
-  raise UserError(f"{url}: line {cells.index[row] + 2}, column {column!r}: {cell!r} is not a"
-                  f" finite number{hint}")
+def _finite(url, cells: pd.Series, column: str, hint: str, numbers=None) -> np.ndarray:
+  """float64 values of a numeric column (NaN = empty); any other non-finite cell is an error
+  naming its line, with `hint` when the cell is a word rather than nan or inf."""
+  values, written = numbers or _numbers(cells)
+  bad = np.flatnonzero(~np.isfinite(values) & (cells != "").to_numpy())
+  if bad.size:
+    row = int(bad[0])
+    hint = "" if written[row] else f" ({hint})"
+    raise UserError(f"{url}: line {cells.index[row] + 2}, column {column!r}:"
+                    f" {cells.iloc[row]!r} is not a finite number{hint}")
+  return values
 
 
 def _labels(url, cells: pd.Series, column: str, task: str) -> np.ndarray:
-  numeric = _numeric_cells(cells)
-  if task == "classification" and not numeric.all():
+  if task == "classification" and not _numbers(cells)[1].all():
     return cells.to_numpy(dtype=str)  # string labels, kept as written
-  values = pd.to_numeric(cells, errors="coerce").to_numpy(np.float64)
-  bad = np.flatnonzero(~np.isfinite(values))
-  if bad.size:
-    _not_finite(url, cells, int(bad[0]), column, "a regression target is a number per row")
+  values = _finite(url, cells, column, "a regression target is a number per row")
   if task == "regression":
     return values
   bad = np.flatnonzero(values != np.round(values))
@@ -152,20 +156,22 @@ def _labels(url, cells: pd.Series, column: str, task: str) -> np.ndarray:
   return values.astype(np.int64)
 
 
-def parse(url: str, frame: pd.DataFrame, categorical: list[str]) -> pd.DataFrame:
-  """Types the text cells: numeric columns float64 (NaN = empty), categorical object."""
+def parse(url: str, frame: pd.DataFrame, categorical: list[str],
+          detect: bool = False) -> pd.DataFrame:
+  """Types the text cells: numeric columns float64 (NaN = empty), categorical object.
+
+  `detect`: a column with no number in it is categorical too (training; at prediction
+  the run's columns keep their kinds).
+  """
   typed = {}
   for column in frame.columns:
     cells = frame[column]
-    if column in categorical:
+    numbers = None if column in categorical else _numbers(cells)
+    if numbers is not None and (numbers[1].any() or not detect):
+      typed[column] = _finite(url, cells, column, "list the column in"
+                              " config.data.categorical_columns if it holds categories", numbers)
+    else:
       typed[column] = cells.astype(object).where(cells != "", None)
-      continue
-    values = pd.to_numeric(cells.where(cells != "", "nan"), errors="coerce")
-    bad = np.flatnonzero((~np.isfinite(values.to_numpy(np.float64))) & (cells != ""))
-    if bad.size:
-      _not_finite(url, cells, int(bad[0]), column,
-                  "list the column in config.data.categorical_columns if it holds categories")
-    typed[column] = values.astype(np.float64)
   return pd.DataFrame(typed, index=frame.index)
 
 
