@@ -209,7 +209,8 @@ def test_regression_data_contract(tmp_path):
     ("a,b,y\n1,2,0\n", {"data__task": "regression", "data__classes": "0,1"},
      "a regression has no classes"),
     ("a,b,y\n,2,0\n1,,1\n", {"data__missing": "drop"}, "every row has an empty cell"),
-    ("a,b,y\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n", {}, "4 rows are too few for config.data.test_fraction=0.2 with all 2"),
+    ("a,b,y\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n", {},
+     "4 rows are too few for config.data.test_fraction=0.2 with all 2"),
     ("a,b,y\n" + ",2,0\n,3,1\n" * 5, {"data__missing": "mean"},
      "column 'a' has no value in the training split"),
 ])
