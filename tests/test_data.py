@@ -6,6 +6,7 @@ import pytest
 from tests.conftest import tiny_config
 from trainer import data
 from trainer.data import csv_source
+from trainer.data import tabular
 from trainer.errors import UserError
 
 
@@ -55,6 +56,7 @@ BAD_CSVS = {
     "header_only": (GOOD_HEADER, "header only, no data rows"),
     "no_label": ("id,a,b\n1,2,3\n", "no label column 'price_range' (this looks like an unlabelled"),
     "word": (GOOD_HEADER + "1,2,0\n1,x,1\n", "line 3, column 'b': 'x' is not a finite number"),
+    "word_label": (GOOD_HEADER + "1,2,0\n1,2,inf\n", "line 3, column 'price_range': 'inf' is not"),
     "empty_cell": (GOOD_HEADER + "1,2,0\n,2,1\n", "line 3, column 'a': empty cell"),
     "inf": (GOOD_HEADER + "1,inf,0\n", "line 2, column 'b': 'inf' is not a finite"),
     "overflow": (GOOD_HEADER + "1,1e400,0\n", "line 2, column 'b': '1e400' is not a finite"),
@@ -73,10 +75,15 @@ def test_bad_csv_names_file_line_and_column(tmp_path, case):
   path = tmp_path / f"{case}.csv"
   path.write_text(text)
   with pytest.raises(UserError) as info:
-    csv_source.read_table(str(path), "price_range", [])
+    tabular.read_csv(_csv_config(path))
   message = str(info.value)
   assert message.startswith(str(path)) and expected in message
   assert "\n" not in message
+
+
+def _csv_config(path, **overrides):
+  return tiny_config("csv.py", data__path=str(path), data__label_column="price_range",
+                     **overrides)
 
 
 def test_missing_file_and_feature_column(tmp_path):

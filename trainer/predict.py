@@ -3,18 +3,20 @@
     python -m trainer.predict --workdir=runs/mobile_price-... \
         --input=../shared/data/mobile-price/test.csv --output=predictions.csv
 
-Loads the run's config (run.json), standardisation statistics (data_stats.json) and
-newest committed checkpoint, and writes one row per input row: the passthrough id
-column when present, then the task's columns (classification: the predicted label and
-one probability column per class; regression: the predicted value in the target's
-units). The
-model is written for one example; `jax.vmap` turns it into a batched function, the
-tutorial's point about automatic vectorisation. Exit 2 with one line for a missing
-run, a missing or unknown column, or a bad cell.
+Loads the run's config (run.json), preprocessing and standardisation statistics
+(data_stats.json) and newest committed checkpoint, and writes one row per input row: the
+passthrough id column when present, then the task's columns (classification: the
+predicted label, a class name as written in the training data, and one probability
+column per class; regression: the predicted value in the target's units). Input cells
+go through the run's preprocessing (trainer/data/tabular.py: categories, empty cells).
+The model is written for one example; `jax.vmap` turns it into a batched function, the
+tutorial's point about automatic vectorisation. Exit 2 with one line for a missing run,
+a missing or unknown column, or a bad cell.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import sys
 import types
@@ -98,12 +100,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from trainer.data import csv_source  # pylint: disable=g-import-not-at-top
+  from trainer.data import tabular  # pylint: disable=g-import-not-at-top
   try:
     config, stats, variables = load_run(_WORKDIR.value)
     passthrough = [_ID_COLUMN.value] + ([config.data.label_column]
                                         if "label_column" in config.data else [])
-    passthrough += [stats["target"]["name"]] if "target" in stats else []
-    x, extra = csv_source.read_features(_INPUT.value, stats["features"], passthrough)
+    passthrough += [stats["target"]["name"]] if stats.get("target", {}).get("name") else []
+    prep = tabular.Preprocessor.from_stats(stats)
+    frame, extra = csv_source.read_features(_INPUT.value, prep.columns, passthrough)
+    x = prep.read_rows(_INPUT.value, frame)
     outputs = predict(config, stats, variables, x)
     task, _ = task_of(config, stats)
   except errors.UserError as e:
@@ -111,12 +116,11 @@ def main(argv):
     sys.exit(2)
   columns = task.predict_columns(outputs, stats)
   out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")  # class names may hold commas or quotes
   id_values = extra.get(_ID_COLUMN.value)
-  header = ([_ID_COLUMN.value] if id_values else []) + list(columns)
-  out.write(",".join(header) + "\n")
+  writer.writerow(([_ID_COLUMN.value] if id_values else []) + list(columns))
   for i in range(len(outputs)):
-    cells = ([id_values[i]] if id_values else []) + [columns[c][i] for c in columns]
-    out.write(",".join(cells) + "\n")
+    writer.writerow(([id_values[i]] if id_values else []) + [columns[c][i] for c in columns])
   storage.write_text(_OUTPUT.value, out.getvalue())
   print(f"wrote {len(outputs)} predictions to {_OUTPUT.value}")
 

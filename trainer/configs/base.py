@@ -23,6 +23,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.path = ""  # csv: local path or gs:// URL
   config.data.label_column = "price_range"  # csv: the label column
   config.data.feature_columns = ""  # csv: comma-separated; empty = every other column
+  config.data.task = "classification"  # csv: classification | regression (a numeric label)
+  config.data.categorical_columns = ""  # csv: comma-separated; also any column with no number
+  config.data.missing = ""  # csv: empty cells: "" = error | drop | mean | median | most_frequent
   config.data.classes = ""  # comma-separated label values to keep; empty = all
   config.data.test_fraction = 0.2  # held-out share, stratified by label
   config.data.standardize = True  # fit mean/std on the training split only

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from trainer import registry
-
-from trainer.data import csv_source
+from trainer.data import tabular
 from trainer.data import tfds_source
 from trainer.data import tokens
 from trainer.errors import UserError
@@ -45,7 +44,7 @@ class Dataset:
   (`train_source`, read batch by batch) and `train_x`/`train_y` are None.
   """
   train_x: np.ndarray | None  # float32 [n_train, d], standardised when asked
-  train_y: np.ndarray | None  # int32 [n_train], in [0, num_classes)
+  train_y: np.ndarray | None  # int32 [n_train], in [0, num_classes); regression: float32
   test_x: np.ndarray
   test_y: np.ndarray
   class_names: list[str]  # original label of each class index
@@ -123,6 +122,8 @@ def load(config) -> Dataset:
   name = config.data.source
   source = registry.resolve("data", name)
   accepted = registry.accepted_keys(source)
+  if name in registry.BUILTIN["data"]:
+    tabular.check_config(config)  # the CSV-only fields of the shared `config.data`
   if list(accepted) == ["config"]:
     return source(config)
   given = {k: v for k, v in config.data.items() if k != "source"}
@@ -137,9 +138,17 @@ def load(config) -> Dataset:
 
 
 def load_csv(config) -> Dataset:
-  """`csv`: a local or gs:// file with a label column (`config.data.path`)."""
-  columns = _split_list(config.data.feature_columns)
-  x, y, names = csv_source.read_table(config.data.path, config.data.label_column, columns)
+  """`csv`: a local or gs:// file with a label column (`config.data.path`).
+
+  Cells are typed and checked by `tabular.read_csv`; categorical columns, empty cells
+  and standardisation are fitted on the training split only (`tabular.Preprocessor`,
+  saved in `stats["preprocess"]` for prediction). `config.data.task=regression` reads the
+  label column as a numeric target.
+  """
+  x, y, names = tabular.read_csv(config)
+  if config.data.task == "regression":
+    return split_regression(config, config.data.path, x, y, names,
+                            target_name=config.data.label_column)
   return _classes_and_split(config, config.data.path, x, y, names)
 
 
@@ -199,26 +208,12 @@ def split_regression(config, where, x, y, names, target_name: str = "target") ->
   Features are standardised when `config.data.standardize`; the target always is, with
   statistics fitted on the training split only (`stats["target"]`).
   """
-  fraction = float(config.data.test_fraction)
-  if not 0.0 < fraction < 1.0:
-    raise UserError(f"config.data.test_fraction={fraction}: expected a value in (0, 1)")
   if _split_list(config.data.classes):
     raise UserError(f"{where}: config.data.classes={config.data.classes!r} applies to"
                     " classification; expected it empty for a regression target")
   if not np.all(np.isfinite(y)):
     raise UserError(f"{where}: the regression target {target_name!r} has non-finite values")
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
-  train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      x, y, test_size=fraction, random_state=config.seed)
-  stats = {}
-  if config.data.standardize:
-    train_x, test_x, stats = _standardize(train_x, test_x, names)
-  mean, std = float(train_y.mean()), float(train_y.std())
-  std = std if std > 0 else 1.0
-  stats["target"] = {"name": target_name, "mean": mean, "std": std}
-  return Dataset(train_x.astype(np.float32), ((train_y - mean) / std).astype(np.float32),
-                 test_x.astype(np.float32), ((test_y - mean) / std).astype(np.float32),
-                 [], list(names), stats, task="regression")
+  return _split(config, where, x, y, [], names, target_name=target_name)
 
 
 def _standardize(train_x, test_x, names):
@@ -234,43 +229,62 @@ def _split_list(value: str) -> list[str]:
 
 
 def _select_classes(where, x, y, classes: str):
-  """Keeps the listed label values (all when empty) and maps them to 0..K-1."""
+  """Keeps the listed label values (all when empty) and maps them to 0..K-1.
+
+  Class order: by value for integer labels, as sorted strings for string labels.
+  """
   present = np.unique(y)
-  if _split_list(classes):
-    try:
-      wanted = np.array(sorted(int(c) for c in _split_list(classes)))
-    except ValueError:
-      raise UserError(f"config.data.classes={classes!r}: expected comma-separated"
-                      " integer labels, e.g. 0,1") from None
-    absent = [int(c) for c in wanted if c not in present]
+  names = [str(c) for c in present]
+  listed = _split_list(classes)
+  if listed:
+    absent = [c for c in listed if c not in names]
     if absent:
-      raise UserError(f"{where}: config.data.classes lists {absent}, which never occur;"
-                      f" labels present: {present.tolist()}")
+      raise UserError(f"{where}: config.data.classes={classes!r} lists {absent}, which never"
+                      f" occur; labels present: {names}")
+    wanted = present[np.isin(names, listed)]
     keep = np.isin(y, wanted)
     x, y = x[keep], y[keep]
   else:
     wanted = present
   if len(wanted) < 2:
-    raise UserError(f"{where}: need at least 2 classes, found {wanted.tolist()}")
+    raise UserError(f"{where}: need at least 2 classes, found {[str(c) for c in wanted]}")
   return x, np.searchsorted(wanted, y).astype(np.int32), [str(c) for c in wanted]
 
 
-def _split(config, where, x, y, class_names, names) -> Dataset:
+def _split(config, where, x, y, class_names, names, target_name: str | None = None) -> Dataset:
+  """Held-out split (stratified by class; plain for a regression `target_name`), then the
+  feature encoding and standardisation fitted on the training split only."""
   fraction = float(config.data.test_fraction)
   if not 0.0 < fraction < 1.0:
     raise UserError(f"config.data.test_fraction={fraction}: expected a value in (0, 1)")
-  counts = np.bincount(y, minlength=len(class_names))
-  if counts.min() < 2:
-    raise UserError(f"{where}: class {class_names[int(counts.argmin())]!r} has"
-                    f" {counts.min()} example(s); a stratified split needs at least 2")
+  regression = target_name is not None
+  if not regression:
+    counts = np.bincount(y, minlength=len(class_names))
+    if counts.min() < 2:
+      raise UserError(f"{where}: class {class_names[int(counts.argmin())]!r} has"
+                      f" {counts.min()} example(s); a stratified split needs at least 2")
+  n_test = int(np.ceil(fraction * len(y)))  # as scikit-learn rounds it
+  if min(n_test, len(y) - n_test) < max(len(class_names), 1):
+    both = f" with all {len(class_names)} classes in both" if class_names else ""
+    raise UserError(f"{where}: {len(y)} rows are too few for config.data.test_fraction="
+                    f"{fraction}{both}: expected more rows")
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      x, y, test_size=fraction, stratify=y, random_state=config.seed)
+      x, y, test_size=fraction, stratify=None if regression else y, random_state=config.seed)
   stats = {}
+  if isinstance(train_x, tabular.pd.DataFrame):  # a CSV: encoded with training statistics
+    prep = tabular.Preprocessor.fit(train_x, config.data.missing)
+    train_x, test_x, names = prep.transform(train_x), prep.transform(test_x), prep.feature_names
+    stats["preprocess"] = prep.to_json()
   if config.data.standardize:
-    train_x, test_x, stats = _standardize(train_x, test_x, names)
+    train_x, test_x, standardized = _standardize(train_x, test_x, names)
+    stats.update(standardized)
+  if regression:
+    train_y, test_y, target = tabular.standardize_target(train_y, test_y)
+    stats["target"] = {"name": target_name, **target}
   return Dataset(train_x.astype(np.float32), train_y, test_x.astype(np.float32), test_y,
-                 class_names, list(names), stats)
+                 class_names, list(names), stats,
+                 task="regression" if regression else "classification")
 
 
 def _synthetic(seed: int, n: int, d: int, k: int):

@@ -1,9 +1,9 @@
 """CSV data through pandas, behind a schema check that names the file, line and column.
 
 pandas lets several malformed inputs through silently (a header-only file, a missing
-field, `inf`, a word in a numeric column, duplicate headers). Everything is read as
-text first and checked here, so each of these ends as one `UserError` line instead of
-NaN in the training data.
+field, duplicate headers, an extra first-row field turned into an index). Everything is
+read as text here and checked, so each of these ends as one `UserError` line; what the
+cells mean (numbers, categories, labels, empty cells) is `trainer.data.tabular`'s job.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 
-import numpy as np
 import pandas as pd
 
 from trainer import storage
@@ -19,14 +18,21 @@ from trainer.errors import UserError
 
 
 def read_table(url: str, label_column: str, feature_columns: list[str]):
-  """Reads a labelled CSV. Returns (features float32 [n, d], labels int64 [n], names)."""
+  """Reads a labelled CSV as text.
+
+  Returns:
+    (frame, features): every cell as a stripped string ("" for an empty cell), indexed
+    by data row (line = index + 2); and the feature columns, in file order unless
+    `feature_columns` names them.
+
+  Raises:
+    UserError: an unreadable or malformed file, or a missing label or feature column.
+  """
   if not url:
     raise UserError("config.data.path is empty: expected a CSV path or gs:// URL")
-  raw = storage.read_input(url)  # UserError when missing or not readable
-  try:
-    text = raw.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise UserError(f"{url}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  if not label_column:
+    raise UserError("config.data.label_column is empty: expected the name of the label column")
+  text = _read_text(url)
   header = _read_header(url, text)
   if label_column not in header:
     hint = " (this looks like an unlabelled test split)" if "id" in header else ""
@@ -37,14 +43,43 @@ def read_table(url: str, label_column: str, feature_columns: list[str]):
   if missing:
     raise UserError(f"{url}: feature column(s) {', '.join(map(repr, missing))} not found;"
                     f" columns are {', '.join(header)}")
+  if label_column in features:
+    raise UserError(f"{url}: the label column {label_column!r} is also listed as a feature")
+  return _read_frame(url, text, len(header)), features
+
+
+def read_features(url: str, feature_columns: list[str], passthrough: list[str]):
+  """Reads an unlabelled CSV for prediction: exactly `feature_columns`, plus any of the
+  `passthrough` columns (e.g. an id, or a label that is ignored).
+
+  Returns:
+    (frame, extra): the feature cells as stripped strings, in `feature_columns` order
+    and indexed by data row; {passthrough name: values} for those present.
+
+  Raises:
+    UserError: a missing feature column, an unknown column, or a malformed file.
+  """
+  text = _read_text(url)
+  header = _read_header(url, text)
+  missing = [c for c in feature_columns if c not in header]
+  if missing:
+    raise UserError(f"{url}: missing feature column(s) {', '.join(map(repr, missing))};"
+                    f" the model was trained on {', '.join(feature_columns)}")
+  unknown = [c for c in header if c not in feature_columns and c not in passthrough]
+  if unknown:
+    raise UserError(f"{url}: unknown column(s) {', '.join(map(repr, unknown))}; expected the"
+                    f" trained features and optionally {', '.join(passthrough)}")
   frame = _read_frame(url, text, len(header))
-  x = np.stack([_numeric_column(url, frame, c) for c in features], axis=1)
-  y_float = _numeric_column(url, frame, label_column)
-  bad = np.flatnonzero(y_float != np.round(y_float))
-  if bad.size:
-    raise UserError(f"{url}: line {bad[0] + 2}, column {label_column!r}: label"
-                    f" {frame[label_column].iloc[bad[0]]!r} is not an integer")
-  return x.astype(np.float32), y_float.astype(np.int64), features
+  extra = {c: frame[c].tolist() for c in passthrough if c in header}
+  return frame[feature_columns], extra
+
+
+def _read_text(url: str) -> str:
+  raw = storage.read_input(url)  # UserError when missing or not readable
+  try:
+    return raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{url}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _read_header(url: str, text: str) -> list[str]:
@@ -82,46 +117,4 @@ def _read_frame(url: str, text: str, num_columns: int) -> pd.DataFrame:
   if len(frame) == 0:
     raise UserError(f"{url}: header only, no data rows")
   frame.columns = [c.strip() for c in frame.columns]
-  return frame
-
-
-def _numeric_column(url: str, frame: pd.DataFrame, column: str) -> np.ndarray:
-  raw = frame[column].str.strip()
-  values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
-  bad = ~np.isfinite(values)
-  if bad.any():
-    row = int(np.flatnonzero(bad)[0])
-    cell = raw.iloc[row]
-    what = "empty cell" if cell == "" else f"{cell!r} is not a finite number"
-    raise UserError(f"{url}: line {row + 2}, column {column!r}: {what}")
-  return values
-
-
-def read_features(url: str, feature_columns: list[str], passthrough: list[str]):
-  """Reads an unlabelled CSV for prediction: exactly `feature_columns`, plus any of the
-  `passthrough` columns (e.g. an id, or a label that is ignored).
-
-  Returns (features float32 [n, d] in `feature_columns` order, {passthrough name: values}).
-
-  Raises:
-    UserError: a missing feature column, an unknown column, or a bad cell (file, line,
-    column).
-  """
-  raw = storage.read_input(url)
-  try:
-    text = raw.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise UserError(f"{url}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-  header = _read_header(url, text)
-  missing = [c for c in feature_columns if c not in header]
-  if missing:
-    raise UserError(f"{url}: missing feature column(s) {', '.join(map(repr, missing))};"
-                    f" the model was trained on {', '.join(feature_columns)}")
-  unknown = [c for c in header if c not in feature_columns and c not in passthrough]
-  if unknown:
-    raise UserError(f"{url}: unknown column(s) {', '.join(map(repr, unknown))}; expected the"
-                    f" trained features and optionally {', '.join(passthrough)}")
-  frame = _read_frame(url, text, len(header))
-  x = np.stack([_numeric_column(url, frame, c) for c in feature_columns], axis=1)
-  extra = {c: frame[c].str.strip().tolist() for c in passthrough if c in header}
-  return x.astype(np.float32), extra
+  return frame.apply(lambda column: column.str.strip())
