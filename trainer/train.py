@@ -210,6 +210,7 @@ def train_and_evaluate(config, workdir: str | None, allow_config_change: bool = 
 
 def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time) -> dict:
   _validate(config)
+  profiling.start_server(config.profile.server_port)
   dataset = data.load(config)
   strategy = parallel.create(config)
   strategy.check_batch_size(config.train.batch_size)
@@ -239,7 +240,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_tim
   restored, start_step = ckpt.restore_latest(checkpoint.abstract(state))
   state = restored if restored is not None else state
   is_main = jax.process_index() == 0
-  reporter = report.Reporter(workdir if is_main else None, start_step)
+  reporter = report.Reporter(workdir if is_main else None, start_step, config)
   run = runinfo.RunRecord(workdir if is_main else None, config, strategy, start_step)
   # What prediction needs besides the parameters (trainer/predict.py).
   reporter.write_json("data_stats.json", {**dataset.stats, "features": dataset.feature_names,
@@ -379,7 +380,8 @@ class _Loop:
     for step in range(start_step, cfg.steps):
       self.faults.maybe_hang(jax.process_index(), step)
       profiler.before_step(step, state)
-      state, metrics = step_fn(state, self._batch(step))
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):  # step marks in traces
+        state, metrics = step_fn(state, self._batch(step))
       if pending is not None:
         self._after_step(*pending)
       pending = (step + 1, metrics)
