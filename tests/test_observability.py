@@ -118,3 +118,14 @@ def test_trace_marks_every_traced_step(tmp_path):
     raw = f.read()
   # StepTraceAnnotation("train", step_num=N) records its name and a step_num stat.
   assert b"step_num" in raw and b"train" in raw
+
+
+def test_a_run_resumes_with_other_observability_settings(tmp_path):
+  workdir = str(tmp_path / "run")
+  short = dict(train__steps=10, train__eval_every=10, train__checkpoint_every=10,
+               optimizer__warmup_steps=2)
+  first = train.train_and_evaluate(tiny_config(**short), workdir)
+  again = train.train_and_evaluate(
+      tiny_config(**short, profile__steps="1,2", report__wandb_entity="team"), workdir)
+  assert again["resumed_from_step"] == 10
+  assert again["params_sha256"] == first["params_sha256"]
