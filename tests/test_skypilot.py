@@ -59,6 +59,16 @@ def test_the_task_file_is_a_multi_node_task_whose_run_section_parses():
     subprocess.run(["bash", "-n", "-c", task[section]], check=True, timeout=30)
 
 
+def test_the_task_xla_flags_are_flags_this_xla_knows():
+  # An unknown name in XLA_FLAGS aborts every process at start-up ("Unknown flag").
+  task = _task()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=task["envs"]["XLA_FLAGS"],
+             XLA_PYTHON_CLIENT_MEM_FRACTION=task["envs"]["XLA_PYTHON_CLIENT_MEM_FRACTION"])
+  proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.ones(3).sum())"],
+                        env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0 and proc.stdout.strip() == "3.0", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("rank", [0, 2])
 def test_node_variables_render_the_process_contract(rank):
   ips = ["10.128.0.7", "10.128.0.9", "10.128.0.12"]

@@ -86,13 +86,14 @@ class WandbWriter:
     except ImportError:
       raise UserError(f"config.report.wandb_project={project!r} needs the wandb package:"
                       " pip install 'jaxjob[wandb]'") from None
-    # W&B's own files: next to the run's other records when the workdir is local; for a
-    # gs:// workdir under WANDB_DIR if set, else a temporary directory.
-    local_dir = (None if storage.is_remote(workdir) and os.environ.get("WANDB_DIR")
-                 else tempfile.mkdtemp(prefix="jaxjob-wandb-") if storage.is_remote(workdir)
-                 else str(storage.path(workdir)))
-    if local_dir is not None:
-      os.makedirs(local_dir, exist_ok=True)
+    # W&B's own files (`wandb/` below this directory): next to the run's other records
+    # when the workdir is local; for a gs:// workdir in WANDB_DIR if set, else a
+    # temporary directory (an offline run's files stay there for `wandb sync`).
+    if storage.is_remote(workdir):
+      local_dir = os.environ.get("WANDB_DIR") or tempfile.mkdtemp(prefix="jaxjob-wandb-")
+    else:
+      local_dir = str(storage.path(workdir))
+    os.makedirs(local_dir, exist_ok=True)
     try:
       self._run = wandb.init(
           project=project, entity=entity or None, dir=local_dir, config=run_config,
