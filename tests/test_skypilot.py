@@ -93,7 +93,8 @@ def test_two_nodes_with_the_rendered_variables_form_one_job(tmp_path):
   argv = [sys.executable, "-m", "trainer", "--config=trainer/configs/breast_cancer.py",
           "--config.train.steps=40", "--config.train.checkpoint_every=20",
           "--config.train.eval_every=40", "--config.train.log_every=20",
-          "--config.train.batch_size=64", f"--workdir={workdir}"]
+          "--config.train.batch_size=64", f"--workdir={workdir}",
+          "--config.parallel.strategy=shard_map"]  # shard_map across processes, too
   base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = []
   for rank in range(2):
@@ -106,4 +107,4 @@ def test_two_nodes_with_the_rendered_variables_form_one_job(tmp_path):
     assert proc.returncode == 0, f"process {rank}:\n{out[-3000:]}"
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["num_processes"] == 2 and summary["num_devices"] == 4
-  assert summary["final_step"] == 40
+  assert summary["final_step"] == 40 and summary["strategy"] == "shard_map"
