@@ -4,8 +4,15 @@
 #   bash bench/gpu.sh            # on the GPU machine, from anywhere; results in $OUT
 #   bash bench/gpu.sh --tiny     # the same steps at toy sizes, on any machine (CPU check)
 #
-# Plans for a machine with no network whose python3 already holds jax (CUDA plugin),
-# flax, optax, orbax-checkpoint, pandas, scikit-learn, matplotlib, etils, tqdm, absl-py.
+# Plans for a machine with no network whose python3 (3.12 or newer, as the package
+# requires) already holds jax 0.12+ (CUDA plugin), flax, optax, orbax-checkpoint, pandas,
+# scikit-learn, matplotlib, etils, tqdm, absl-py; PYTHON=/path/to/python3.12 picks another.
+#
+# GPU settings, the ones docs/skypilot.yaml and the GPU overlay use (JAX's GPU performance
+# tips), unless already set: XLA_FLAGS gains --xla_gpu_enable_latency_hiding_scheduler=true
+# (collectives overlap compute; NVIDIA's JAX image sets it too), and
+# XLA_PYTHON_CLIENT_MEM_FRACTION=0.90 lets JAX preallocate 90% of the GPU (default 75%).
+# Not applied with --tiny (CPU).
 # The two pure-Python dependencies such an image lacks come as wheels vendored in
 # bench/wheels/ (or $JAXJOB_WHEELS): ml_collections-1.1.0 (configs) and tensorboardX-2.6.5
 # (the trainer's TensorBoard writer); `pip download --no-deps -d bench/wheels
@@ -34,6 +41,12 @@ DATA="${JAXJOB_DATA_DIR:-../shared/data}/mobile-price/train.csv"
 WHEELS=${JAXJOB_WHEELS:-bench/wheels}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
+if [[ $TINY == 0 ]]; then
+  if [[ " ${XLA_FLAGS:-} " != *" --xla_gpu_enable_latency_hiding_scheduler="* ]]; then
+    export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_latency_hiding_scheduler=true"
+  fi
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
+fi
 failed=0
 step() { echo; echo "== [$SECONDS s] $*"; }
 fail() { echo "FAILED: $*"; failed=$((failed + 1)); }
@@ -62,11 +75,13 @@ if [[ "${JAXJOB_SKIP_INSTALL:-$TINY}" == 0 ]]; then
     || echo "pip install -e . failed; running from the source tree (PYTHONPATH)"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+echo "XLA_FLAGS=${XLA_FLAGS:-} XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-}"
 timeout 120 "$PY" -c "
 import jax, flax, optax, orbax.checkpoint as ocp, sys
 print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__,
       'optax', optax.__version__, 'orbax', ocp.__version__)
-print('devices', jax.devices())" || fail "jax does not start"
+assert sys.version_info >= (3, 12), 'jaxjob needs Python 3.12 or newer'
+print('devices', jax.devices())" || fail "jax does not start (or Python is older than 3.12)"
 
 step "2. ceilings and GPT-2 small, trainer vs bare (batch 16)"
 if [[ $TINY == 1 ]]; then bench_args=(--tiny --block 0.2); else bench_args=(); fi

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 
 import jax
-from jax.sharding import PartitionSpec as P
 
 import trainer
 from bench import harness
@@ -81,21 +80,6 @@ class Job:
       counts[op] = sum(1 for line in text.splitlines()
                        if f" {op}(" in line or f" {op}-start(" in line)
     return counts
-
-
-def shard_map_step(job: Job):
-  """The sharding strategy's step written with `jax.shard_map` + the step's `lax.pmean`.
-
-  Same mesh, shardings and donation as `DataParallel.compile_step` (data parallel,
-  fsdp = 1); the partitioning is manual (what pmap lowers to) instead of XLA's SPMD
-  partitioner.
-  """
-  axes = parallel.BATCH_AXES
-  fn = jax.shard_map(functools.partial(job.train_step, axis_name=axes), mesh=job.strategy.mesh,
-                     in_specs=(P(), P(axes)), out_specs=P())
-  return jax.jit(fn, in_shardings=(job.strategy.state_shardings, job.strategy.batch_sharding),
-                 out_shardings=(job.strategy.state_shardings, job.strategy.replicated),
-                 donate_argnums=0)
 
 
 class _NoCheckpoint:

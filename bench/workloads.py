@@ -19,7 +19,7 @@ import numpy as np
 from bench import harness
 from bench import startup
 from bench.harness import emit
-from bench.job import Job, Trainer, shard_map_step
+from bench.job import Job, Trainer
 from trainer import data
 from trainer.configs import base
 from trainer.data import tokens
@@ -165,17 +165,17 @@ def dp(mode: dict, workdir: str) -> None:
 
 
 def pmap_vs_sharding(mode: dict, workdir: str) -> None:
-  """The same MLP under both strategies (and shard_map), bare and trainer, in one run."""
+  """The same MLP under the three strategies, bare and trainer, in one run."""
   n = jax.device_count()
   shard = Job(mlp_config(784, (256, 256), 128, 10, "sharding"))
   pm = Job(mlp_config(784, (256, 256), 128, 10, "pmap"))
-  sm = Job(mlp_config(784, (256, 256), 128, 10, "sharding"))
-  sm.step_fn = shard_map_step(sm)
+  sm = Job(mlp_config(784, (256, 256), 128, 10, "shard_map"))
   runners = {"sharding": Trainer(shard, os.path.join(workdir, "pmap-s")),
-             "pmap": Trainer(pm, os.path.join(workdir, "pmap-p"))}
+             "pmap": Trainer(pm, os.path.join(workdir, "pmap-p")),
+             "shard_map": Trainer(sm, os.path.join(workdir, "pmap-m"))}
   k = _prepare(shard, [runners["sharding"]], mode["block"])
   _prepare(pm, [runners["pmap"]], mode["block"])
-  _prepare(sm, [], mode["block"])
+  _prepare(sm, [runners["shard_map"]], mode["block"])
   ops = {name: job.hlo_op_counts() for name, job in (("sharding", shard), ("pmap", pm),
                                                         ("shard_map", sm))}
   emit({"bench": f"pmap{n}", "metric": "all-reduce / transpose ops in the compiled step",
@@ -185,10 +185,12 @@ def pmap_vs_sharding(mode: dict, workdir: str) -> None:
       "bare": lambda: shard.bare(k), "bare_again": lambda: shard.bare(k),
       "pmap_bare": lambda: pm.bare(k), "shard_map_bare": lambda: sm.bare(k),
       "trainer": lambda: runners["sharding"].run(k),
-      "pmap_trainer": lambda: runners["pmap"].run(k)}, mode["rounds"])
+      "pmap_trainer": lambda: runners["pmap"].run(k),
+      "shard_map_trainer": lambda: runners["shard_map"].run(k)}, mode["rounds"])
   for num, den, what in (("pmap_bare", "bare", "pmap/sharding (bare step)"),
                          ("pmap_trainer", "trainer", "pmap/sharding (trainer)"),
-                         ("shard_map_bare", "bare", "shard_map/sharding (bare step)")):
+                         ("shard_map_bare", "bare", "shard_map/sharding (bare step)"),
+                         ("shard_map_trainer", "trainer", "shard_map/sharding (trainer)")):
     record = harness.ratio_record(f"pmap{n}", what, times, num, den, target=None,
                                   steps_per_block=k)
     record["target"] = "within 0.95..1.05"

@@ -78,7 +78,8 @@ class Loop:
       for step in range(start_step, steps):
         for hook in self.hooks:
           hook.before_step(self, step, state)
-        state, metrics = step_fn(state, self.batch(step))
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):  # step marks in traces
+          state, metrics = step_fn(state, self.batch(step))
         if pending is not None:
           self._after_step(*pending)
         pending = (step + 1, metrics)

@@ -9,14 +9,19 @@ plain data parallelism: a replicated state and one gradient all-reduce that XLA 
 With `fsdp>1` XLA gathers each layer's parameters where they are used and reduce-scatters
 the gradients (ZeRO-3 style), so the state takes 1/fsdp of the memory per device.
 
-Two strategies share this interface and give the same results:
+Three strategies share this interface and give the same results:
 
-* `sharding` (default): `jax.jit` with the shardings above.
-* `pmap`: `jax.pmap` over this process's devices with an explicit `lax.pmean` of the
-  gradients (in `train.train_step`); data parallel only (`fsdp=1`).
+* `sharding` (default): `jax.jit` with the shardings above; XLA's SPMD partitioner
+  inserts the collectives. The only one that shards the state (`fsdp>1`).
+* `shard_map`: `jax.jit` of `jax.shard_map` over the same mesh: each device runs the
+  step on its rows and `train.train_step` averages gradients and metrics with one
+  explicit `lax.pmean`; data parallel only (`fsdp=1`).
+* `pmap`: `jax.pmap` over this process's devices with the same explicit `lax.pmean`;
+  data parallel only. Kept for users who ask for it by name: JAX has it in maintenance
+  mode and points to `shard_map`.
 
 The "canonical" state is the `sharding` layout (global `jax.Array`s with the rule's
-shardings). Checkpoints, evaluation and fingerprints use it, so both strategies share
+shardings). Checkpoints, evaluation and fingerprints use it, so every strategy shares
 them, and a checkpoint restores onto any other mesh shape.
 """
 
@@ -28,7 +33,7 @@ import math
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from trainer.errors import UserError
 
@@ -72,10 +77,13 @@ class DataParallel:
 
   def __init__(self, data: int = -1, fsdp: int = 1):
     data, fsdp = mesh_shape(data, fsdp, jax.device_count())
-    # jax.devices() is ordered by process and the fsdp axis is the inner one, so the
-    # batch rows of process p are its devices' contiguous block: the block its data
-    # loader reads.
-    self.mesh = Mesh(np.asarray(jax.devices()).reshape(data, fsdp), BATCH_AXES)
+    # make_mesh orders TPU devices by their physical torus, so the inner (fsdp) axis
+    # runs between neighbours; on CPU and GPU it keeps jax.devices()'s order. Auto axes
+    # (the jit + NamedSharding semantics this module is written for), not the Explicit
+    # default of recent JAX. Each process's batch rows go to its own devices wherever
+    # the mesh puts them (`make_array_from_process_local_data`).
+    self.mesh = jax.make_mesh((data, fsdp), BATCH_AXES,
+                              axis_types=(AxisType.Auto,) * len(BATCH_AXES))
     self.fsdp = fsdp
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
@@ -126,7 +134,7 @@ class DataParallel:
   def predict(self, apply_fn, params, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Logits for every row of `x` (the same on every process), sharded over devices.
 
-    Both strategies evaluate the canonical state with jit, so `predict` always uses
+    Every strategy evaluates the canonical state with jit, so `predict` always uses
     the global-array batch layout.
     """
     fn = self._compiled_apply(apply_fn)
@@ -148,6 +156,34 @@ class DataParallel:
   def _compiled_apply(self, apply_fn):
     # Input shardings come from the (committed) arguments: the state's, whatever they are.
     return jax.jit(apply_fn, out_shardings=self.batch_sharding)
+
+
+class ShardMap(DataParallel):
+  """jit of jax.shard_map: manual data parallelism with the step's explicit lax.pmean.
+
+  Batches, state layout, checkpoints and evaluation are `DataParallel`'s; only the step
+  differs. The state is replicated (`fsdp=1`), each device computes the gradients of its
+  rows, and `train.train_step(axis_name=...)` averages them with one `lax.pmean`, the
+  code path `pmap` uses.
+  """
+
+  name = "shard_map"
+
+  def __init__(self, data: int = -1, fsdp: int = 1):
+    super().__init__(data, fsdp)
+    if self.fsdp != 1:
+      raise UserError("config.parallel.strategy=shard_map is data parallel only: expected"
+                      f" config.parallel.fsdp=1, got {fsdp}")
+
+  def compile_step(self, step_fn):
+    # check_vma=False: with the default (True), autodiff already sums the gradients of the
+    # replicated parameters over the mesh, and the step's pmean would then count every
+    # device's gradient once per device (8x on 8 devices). Without it, gradients are
+    # per-device as under pmap, and the pmean makes the outputs replicated (out_specs).
+    fn = jax.shard_map(functools.partial(step_fn, axis_name=BATCH_AXES), mesh=self.mesh,
+                       in_specs=(P(), P(BATCH_AXES)), out_specs=P(), check_vma=False)
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
 
 class Pmap(DataParallel):
@@ -193,6 +229,9 @@ def create(config) -> DataParallel:
   strategy, data, fsdp = config.parallel.strategy, config.parallel.data, config.parallel.fsdp
   if strategy == "sharding":
     return DataParallel(data, fsdp)
+  if strategy == "shard_map":
+    return ShardMap(data, fsdp)
   if strategy == "pmap":
     return Pmap(data, fsdp)
-  raise UserError(f"config.parallel.strategy={strategy!r}: expected sharding or pmap")
+  raise UserError(f"config.parallel.strategy={strategy!r}: expected sharding, shard_map or"
+                  " pmap")

@@ -1,8 +1,16 @@
-"""A jax.profiler trace of a range of steps, on request (`--config.profile.steps=START,STOP`).
+"""Profiles: a trace of chosen steps, and a profiler server for traces on demand.
 
-Process 0 traces steps START..STOP-1 into `<workdir>/profile` (TensorBoard's profile
-plugin and Perfetto read it). For a gs:// workdir the trace is written to a local
-temporary directory and copied up when it stops.
+`--config.profile.steps=START,STOP`: process 0 traces steps START..STOP-1 into
+`<workdir>/profile` (TensorBoard's profile plugin and Perfetto read it). For a gs://
+workdir the trace is written to a local temporary directory and copied up when it stops.
+Every step runs inside `jax.profiler.StepTraceAnnotation("train", step_num=...)`, so
+traces show step boundaries.
+
+`--config.profile.server_port=PORT`: process i runs `jax.profiler.start_server(PORT + i)`
+(processes that share a host never collide) for the whole run; capture a trace of a
+running job from TensorBoard's profile tab or `python -m jax.collect_profile PORT MS`.
+The server listens on every interface of the host (JAX offers no address choice):
+expose the port only inside the cluster.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import jax
 
 from trainer import storage
 from trainer.errors import UserError
+
+_server = None  # the process's one profiler server (JAX allows one)
 
 
 def parse_steps(value: str) -> tuple[int, int] | None:
@@ -29,6 +39,32 @@ def parse_steps(value: str) -> tuple[int, int] | None:
     raise UserError(f"config.profile.steps={value!r}: expected START,STOP with"
                     " 0 <= START < STOP, e.g. 10,20")
   return start, stop
+
+
+def check_port(port) -> int:
+  """`config.profile.server_port` as an int in [0, 65535]. Raises UserError."""
+  if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    raise UserError(f"config.profile.server_port={port!r}: expected 0 (off) or a TCP port"
+                    " number, 1-65535")
+  return port
+
+
+def start_server(port) -> int | None:
+  """Starts the profiler server of this process on `port + process index` (0: off).
+
+  Returns the port listened on, or None. A second call keeps the first server.
+  """
+  global _server
+  port = check_port(port)
+  if not port:
+    return None
+  port += jax.process_index()
+  if port > 65535:
+    raise UserError(f"config.profile.server_port: process {jax.process_index()} would"
+                    f" listen on {port}, above 65535")
+  if _server is None:
+    _server = jax.profiler.start_server(port)
+  return port
 
 
 class Profiler:

@@ -1,6 +1,7 @@
 """Run artefacts: metrics.jsonl, TensorBoard events, the history plot, the classification
 report and summary.json (DESIGN.md section 3). Only process 0 creates a `Reporter` that
-writes; other processes get a `Reporter(None)` whose methods do nothing.
+writes; other processes get a `Reporter(None)` whose methods do nothing. Logged rows also
+go to the metric writers of `trainer.writers` (TensorBoard; W&B when configured).
 """
 
 from __future__ import annotations
@@ -8,24 +9,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 
 from trainer import storage
+from trainer import writers as writers_lib
 
 
 class Reporter:
   """Writes the run's metrics and reports under `workdir` (None: write nothing)."""
 
-  def __init__(self, workdir: str | None, resume_step: int = 0):
+  def __init__(self, workdir: str | None, resume_step: int = 0, config=None):
+    """`config` names the optional writers (`config.report`); None: TensorBoard only."""
     self.workdir = workdir
     self.rows: list[dict] = []
-    self._tb = None
-    self._tb_uploaded: dict[str, int] = {}  # event file -> size already copied to gs://
+    self._writers: list[writers_lib.MetricWriter] = []
     if workdir is None:
       return
     metrics_path = storage.path(workdir) / "metrics.jsonl"
@@ -34,8 +33,7 @@ class Reporter:
       # checkpoint; they are recomputed, so drop them to keep one row per step.
       rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
       self.rows = [r for r in rows if r["step"] <= resume_step]
-    self._tb_local = (str(storage.path(workdir) / "tensorboard") if not storage.is_remote(workdir)
-                      else tempfile.mkdtemp(prefix="jaxjob-tb-"))
+    self._writers = writers_lib.create(config, workdir)
 
   @property
   def active(self) -> bool:
@@ -45,45 +43,25 @@ class Reporter:
     if not self.active:
       return
     self.rows.append(row)
-    writer = self._writer()
-    for key, value in row.items():
-      if key not in ("step", "time") and isinstance(value, (int, float)):
-        writer.add_scalar(key, value, row["step"])
+    scalars = {k: v for k, v in row.items()
+               if k not in ("step", "time") and isinstance(v, (int, float))}
+    for writer in self._writers:
+      writer.write_scalars(row["step"], scalars)
 
   def flush(self) -> None:
-    """Rewrites metrics.jsonl in one atomic write and flushes TensorBoard."""
+    """Rewrites metrics.jsonl in one atomic write and flushes the writers."""
     if not self.active:
       return
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
     storage.write_text(storage.path(self.workdir) / "metrics.jsonl", text)
-    if self._tb is not None:
-      self._tb.flush()
-      if storage.is_remote(self.workdir):
-        self._copy_tensorboard()
-
-  def _copy_tensorboard(self) -> None:
-    """Uploads each local event file that grew since the last flush (whole, atomically)."""
-    for name in sorted(os.listdir(self._tb_local)):
-      local = os.path.join(self._tb_local, name)  # a local temp file, never the workdir
-      if os.path.getsize(local) == self._tb_uploaded.get(name):
-        continue
-      with open(local, "rb") as f:
-        data = f.read()
-      storage.write_bytes(storage.path(self.workdir) / "tensorboard" / name, data)
-      self._tb_uploaded[name] = len(data)
+    for writer in self._writers:
+      writer.flush()
 
   def close(self) -> None:
     self.flush()
-    if self._tb is not None:
-      self._tb.close()
-      if storage.is_remote(self.workdir):
-        shutil.rmtree(self._tb_local, ignore_errors=True)
-
-  def _writer(self):
-    if self._tb is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(self._tb_local, flush_secs=60)
-    return self._tb
+    for writer in self._writers:
+      writer.close()
+    self._writers = []
 
   def write_json(self, relative: str, obj) -> None:
     if self.active:

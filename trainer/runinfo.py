@@ -124,7 +124,7 @@ def format_row(row: dict, total: int) -> str:
 # logged or saved, not the computed parameters.
 _RESUMABLE_CHANGES = ("name", "train.log_every", "train.eval_every", "train.checkpoint_every",
                       "train.keep_checkpoints", "train.watchdog_timeout",
-                      "parallel.", "distributed.")
+                      "parallel.", "distributed.", "profile.", "report.")
 
 
 def check_resume_config(workdir: str, config, allow_change: bool) -> None:

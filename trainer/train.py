@@ -259,6 +259,7 @@ def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
   """Runs a built job in `workdir` (resuming its newest committed checkpoint)."""
   start_time = time.time() if start_time is None else start_time
   config, dataset, strategy = job.config, job.dataset, job.strategy
+  profiling.start_server(config.profile.server_port)
   workdir = storage.absolute(workdir or runinfo.default_workdir(config.name))
   distributed.check_agreement(config.to_json_best_effort())
   # Writability first: on a bucket without access, reading run.json would fail less clearly.
@@ -272,7 +273,7 @@ def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
   restored, start_step = ckpt.restore_latest(checkpoint.abstract(job.state))
   state = restored if restored is not None else job.state
   is_main = jax.process_index() == 0
-  reporter = report.Reporter(workdir if is_main else None, start_step)
+  reporter = report.Reporter(workdir if is_main else None, start_step, config)
   record = runinfo.RunRecord(workdir if is_main else None, config, strategy, start_step)
   # What prediction needs besides the parameters (trainer/predict.py).
   reporter.write_json("data_stats.json", {**dataset.stats, "features": dataset.feature_names,

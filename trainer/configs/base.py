@@ -79,6 +79,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.profile = ml_collections.ConfigDict()
   config.profile.steps = ""  # "START,STOP": a jax.profiler trace of those steps -> <workdir>/profile
+  # Observability (trainer/writers.py, trainer/profiling.py).
+  config.profile.server_port = 0  # >0: jax.profiler server, process i on port + i; 0 = off
+  config.report = ml_collections.ConfigDict()
+  config.report.wandb_project = ""  # Weights & Biases project; "" = off (key: WANDB_API_KEY)
+  config.report.wandb_entity = ""  # W&B user or team; "" = the key's default entity
 
   config.distributed = ml_collections.ConfigDict()
   config.distributed.initialization_timeout = 300  # seconds to wait for every process

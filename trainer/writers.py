@@ -1,0 +1,129 @@
+"""Metric writers: where the rows the loop logs go besides metrics.jsonl.
+
+A writer has `write_scalars(step, scalars)`, `flush()` and `close()`. Process 0's
+`Reporter` holds the list `create(config, workdir)` returns:
+
+* `TensorBoardWriter`, always: event files under `<workdir>/tensorboard` (for a gs://
+  workdir, written locally and each grown file copied up whole on `flush`).
+* `WandbWriter`, opt-in with `--config.report.wandb_project=NAME`: one Weights & Biases
+  run per workdir (a resumed job continues it). The API key comes from the environment
+  only (`WANDB_API_KEY`, or `wandb login`'s netrc): nothing here reads, passes or records
+  it. `WANDB_MODE=offline` keeps the run on disk for a later `wandb sync`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import Protocol
+
+from trainer import storage
+from trainer.errors import UserError
+
+
+class MetricWriter(Protocol):
+  """What the reporter calls; `scalars` holds only the row's numeric values."""
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None: ...
+
+  def flush(self) -> None: ...
+
+  def close(self) -> None: ...
+
+
+class TensorBoardWriter:
+  """tensorboardX event files under `<workdir>/tensorboard`."""
+
+  def __init__(self, workdir: str):
+    self._workdir = workdir
+    self._remote = storage.is_remote(workdir)
+    self._local = (tempfile.mkdtemp(prefix="jaxjob-tb-") if self._remote
+                   else str(storage.path(workdir) / "tensorboard"))
+    self._uploaded: dict[str, int] = {}  # event file -> size already copied to gs://
+    self._tb = None
+
+  def write_scalars(self, step, scalars):
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(self._local, flush_secs=60)
+    for key, value in scalars.items():
+      self._tb.add_scalar(key, value, step)
+
+  def flush(self):
+    if self._tb is None:
+      return
+    self._tb.flush()
+    if self._remote:
+      self._copy_up()
+
+  def _copy_up(self) -> None:
+    """Uploads each local event file that grew since the last flush (whole, atomically)."""
+    for name in sorted(os.listdir(self._local)):
+      local = os.path.join(self._local, name)  # a local temp file, never the workdir
+      if os.path.getsize(local) == self._uploaded.get(name):
+        continue
+      with open(local, "rb") as f:
+        data = f.read()
+      storage.write_bytes(storage.path(self._workdir) / "tensorboard" / name, data)
+      self._uploaded[name] = len(data)
+
+  def close(self):
+    self.flush()
+    if self._tb is not None:
+      self._tb.close()
+    if self._remote:
+      shutil.rmtree(self._local, ignore_errors=True)
+
+
+class WandbWriter:
+  """A Weights & Biases run, started when the writer is made (so a bad setup fails early)."""
+
+  def __init__(self, workdir: str, project: str, entity: str, run_config: dict):
+    try:
+      import wandb  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise UserError(f"config.report.wandb_project={project!r} needs the wandb package:"
+                      " pip install 'jaxjob[wandb]'") from None
+    # W&B's own files (`wandb/` below this directory): next to the run's other records
+    # when the workdir is local; for a gs:// workdir in WANDB_DIR if set, else a
+    # temporary directory (an offline run's files stay there for `wandb sync`).
+    if storage.is_remote(workdir):
+      local_dir = os.environ.get("WANDB_DIR") or tempfile.mkdtemp(prefix="jaxjob-wandb-")
+    else:
+      local_dir = str(storage.path(workdir))
+    os.makedirs(local_dir, exist_ok=True)
+    try:
+      self._run = wandb.init(
+          project=project, entity=entity or None, dir=local_dir, config=run_config,
+          name=os.path.basename(workdir.rstrip("/")), id=run_id(workdir), resume="allow")
+    except Exception as e:  # pylint: disable=broad-except
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise UserError(f"config.report.wandb_project={project!r}: Weights & Biases did not"
+                      f" start: {first} (the API key comes from WANDB_API_KEY or"
+                      " `wandb login`; WANDB_MODE=offline needs none)") from None
+
+  def write_scalars(self, step, scalars):
+    self._run.log(scalars, step=step)
+
+  def flush(self):
+    pass  # W&B streams on its own.
+
+  def close(self):
+    self._run.finish()
+
+
+def run_id(workdir: str) -> str:
+  """The W&B run id of a workdir: the same on every restart, so a resume continues it."""
+  return hashlib.sha256(storage.absolute(workdir).encode()).hexdigest()[:16]
+
+
+def create(config, workdir: str) -> list[MetricWriter]:
+  """TensorBoard, plus W&B when `config.report.wandb_project` is set (process 0 only)."""
+  writers: list[MetricWriter] = [TensorBoardWriter(workdir)]
+  report = config.get("report") if config is not None else None
+  if report is not None and report.wandb_project:
+    writers.append(WandbWriter(workdir, report.wandb_project, report.wandb_entity,
+                               config.to_dict()))
+  return writers
