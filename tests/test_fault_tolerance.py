@@ -1,4 +1,4 @@
-"""Fault tolerance: kill -9, SIGTERM, dead and stuck peers, NaN, corrupted checkpoints.
+"""Fault tolerance: kill -9, SIGTERM, dead and stuck peers, NaN, quarantined checkpoints.
 
 Multi-process tests run the real `python -m launch local` (or the trainer processes it
 would start) on localhost with gloo collectives, and compare final `params_sha256`
@@ -268,6 +268,12 @@ def test_corrupted_latest_checkpoint_is_skipped(tmp_path):
   assert resumed["resumed_from_step"] == 20
   assert resumed["params_sha256"] == reference["params_sha256"]
   assert _committed(workdir) == [20, 40]
+  # The unreadable step was moved aside whole, not deleted, and recorded.
+  (moved,) = (workdir / "checkpoints" / "quarantine").glob("40-*")
+  assert (moved / "commit_success.txt").exists() and (moved / "default" / "_METADATA").exists()
+  (event,) = json.loads((workdir / "run.json").read_text())["starts"][-1]["checkpoint_events"]
+  assert event["event"] == "quarantined" and event["step"] == 40
+  assert event["moved_to"] == str(moved) and "Expecting" in event["reason"]
 
 
 def _single_process(workdir, env=None):

@@ -151,7 +151,7 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch):
       raise ConnectionResetError("reset by peer")
     return "ok"
 
-  assert storage._retry(flaky) == "ok"  # pylint: disable=protected-access
+  assert storage.retry(flaky) == "ok"
   assert sleeps == [1.0, 2.0, 4.0]
 
   def forbidden():
@@ -160,10 +160,10 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch):
 
   attempts.clear()
   with pytest.raises(PermissionError):
-    storage._retry(forbidden)  # pylint: disable=protected-access
+    storage.retry(forbidden)
   assert len(attempts) == 1
   with pytest.raises(ConnectionResetError):
-    storage._retry(flaky, deadline_s=0)  # pylint: disable=protected-access
+    storage.retry(flaky, deadline_s=0)
 
 
 @pytest.mark.timeout(120)

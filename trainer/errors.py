@@ -17,3 +17,13 @@ class Diverged(Exception):
   """Loss or gradients became non-finite; the last good checkpoint is kept."""
 
   exit_code = 3
+
+
+class StorageError(Exception):
+  """Storage failed: disk full, permission lost, bucket gone, an outage past the retries.
+
+  One line on stderr naming what failed, where, and the last committed step; every
+  committed checkpoint is left in place.
+  """
+
+  exit_code = 1

@@ -27,6 +27,7 @@ from trainer import checkpoint
 from trainer import data
 from trainer import distributed
 from trainer import faults
+from trainer import lease
 from trainer import models
 from trainer import parallel
 from trainer import preemption
@@ -202,13 +203,17 @@ def train_and_evaluate(config, workdir: str | None, allow_config_change: bool = 
   if jax.process_count() > 1 and preemption.requested_before_start():
     raise Preempted("preempted during start-up, before any step: nothing new to save")
   watcher = preemption.Watcher()
+  writer = lease.Lease()
   try:
-    return _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time)
+    return _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time,
+                               writer)
   finally:
+    writer.release()
     watcher.close()
 
 
-def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time) -> dict:
+def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_time,
+                        writer) -> dict:
   _validate(config)
   dataset = data.load(config)
   strategy = parallel.create(config)
@@ -226,6 +231,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_tim
   distributed.check_agreement(config.to_json_best_effort())
   # Writability first: on a bucket without access, reading run.json would fail less clearly.
   storage.check_writable(workdir)
+  writer.acquire(workdir)  # One writer per workdir: exit 2 while another run holds it.
   runinfo.check_resume_config(workdir, config, allow_config_change)
   l2 = float(config.optimizer.weight_decay) if config.optimizer.name != "adamw" else 0.0
 
@@ -241,6 +247,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_tim
   is_main = jax.process_index() == 0
   reporter = report.Reporter(workdir if is_main else None, start_step)
   run = runinfo.RunRecord(workdir if is_main else None, config, strategy, start_step)
+  run.note(lease_taken_over=writer.takeover, checkpoint_events=ckpt.events)
   # What prediction needs besides the parameters (trainer/predict.py).
   reporter.write_json("data_stats.json", {**dataset.stats, "features": dataset.feature_names,
                                           "classes": dataset.class_names})
@@ -251,6 +258,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, watcher, start_tim
         train_step, apply_fn=model.apply, tx=tx, schedule=schedule, l2=l2,
         accum_steps=config.train.grad_accum_steps, ema_decay=config.train.ema_decay))
     state = loop.run(step_fn, strategy.to_device(state), start_step, watcher)
+    ckpt.close()  # A failed last save is recorded in run.json like any other failure.
   except BaseException as e:
     run.finish(getattr(e, "exit_code", 1), f"{type(e).__name__}: {e}")
     raise
