@@ -84,6 +84,36 @@ class _OrbaxErrors(std_logging.Filter):
     self.held.clear()
 
 
+def _abandoned_write(kind, value, tb) -> bool:
+  """Whether an exception is the "Event loop is closed" of a write a failed save left.
+
+  When one write of an async save fails, Orbax stops waiting for the others and closes
+  the event loop of that save; tensorstore then completes each abandoned write by
+  calling `loop.call_soon_threadsafe` on the closed loop, and the RuntimeError reaches
+  `sys.excepthook` or `sys.unraisablehook` (dozens on a full disk). The save's failure
+  itself reaches the main thread and is reported once.
+  """
+  frames = traceback.extract_tb(tb)
+  return (kind is RuntimeError and str(value) == "Event loop is closed" and bool(frames)
+          and frames[0].name == "call_soon_threadsafe")
+
+
+def _drop_abandoned_writes() -> None:
+  """Routes every other exception to the hooks installed before."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(kind, value, tb):
+    if not _abandoned_write(kind, value, tb):
+      excepthook(kind, value, tb)
+
+  def on_unraisable(unraisable):
+    if not _abandoned_write(unraisable.exc_type, unraisable.exc_value,
+                            unraisable.exc_traceback):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
 def _storage_failure(e: Exception, workdir: str | None) -> str:
   """One line for a storage failure outside checkpoint saves, with the last step."""
   from trainer import storage  # pylint: disable=g-import-not-at-top
@@ -95,7 +125,7 @@ def _storage_failure(e: Exception, workdir: str | None) -> str:
       last = max(steps, default=None)
     except Exception:  # pylint: disable=broad-except
       pass
-  return f"storage failed: {storage.one_line(e)}; last committed step: {last}"
+  return f"storage failed: {storage.reason(e)}; last committed step: {last}"
 
 
 def main(argv, config_flag, workdir_flag, allow_flag):
@@ -108,6 +138,7 @@ def main(argv, config_flag, workdir_flag, allow_flag):
   orbax_errors = _OrbaxErrors()
   if not verbose:
     std_logging.getLogger("absl").addFilter(orbax_errors)
+    _drop_abandoned_writes()
   try:
     config = config_flag.value
     config.name  # pylint: disable=pointless-statement  (loads a lazily parsed config)
@@ -122,7 +153,8 @@ def main(argv, config_flag, workdir_flag, allow_flag):
   except (errors.Preempted, errors.Diverged) as e:
     _exit(str(e), e.exit_code, orbax_errors)
   except errors.StorageError as e:
-    _exit(f"error: {e}", e.exit_code, orbax_errors, storage_failure=True, verbose=verbose)
+    _exit(f"error: {e.line}", e.exit_code, orbax_errors, storage_failure=True,
+          verbose=verbose)
   except Exception as e:  # pylint: disable=broad-except
     if not storage.is_storage_error(e):
       orbax_errors.release()

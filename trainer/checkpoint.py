@@ -62,6 +62,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
     self._closed = False
+    self._in_flight: int | None = None  # the newest step whose async save started
     self.events: list[dict] = []  # quarantined steps and partial restores, for run.json
 
   def all_steps(self) -> list[int]:
@@ -160,9 +161,12 @@ class Checkpointer:
       StorageError: this save, or the previous one still in flight, failed to write.
     """
     try:
-      return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      started = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_error(e) from e
+      raise self._save_error(e, step) from e
+    if started:
+      self._in_flight = step
+    return started
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
@@ -179,7 +183,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      error = self._save_error(e)
+      error = self._save_error(e, None)
       try:
         self._manager.close()
       except Exception:  # pylint: disable=broad-except
@@ -187,17 +191,24 @@ class Checkpointer:
       raise error from e
     self._manager.close()
 
-  def _save_error(self, e: Exception) -> Exception:
-    """`e` as one StorageError line when it is a storage failure; otherwise `e`."""
+  def _save_error(self, e: Exception, step: int | None) -> Exception:
+    """`e` as a StorageError naming the failed step when it is a storage failure.
+
+    The failure of an async save surfaces at the next `save` or at `close`: the step
+    that failed is the one in flight, unless that one was committed.
+    """
     if not storage.is_storage_error(e):
       return e
     try:
       self._manager.reload()
-      last = max(self._manager.all_steps(), default=None)
+      steps = self._manager.all_steps()
+      last = max(steps, default=None)
     except Exception:  # pylint: disable=broad-except
-      last = "unknown (the checkpoint directory cannot be listed)"
-    return StorageError(f"saving a checkpoint to {self.directory} failed:"
-                        f" {storage.one_line(e)}; last committed step: {last}")
+      steps, last = [], "unknown (the checkpoint directory cannot be listed)"
+    failed = step if self._in_flight in steps or self._in_flight is None else self._in_flight
+    return StorageError(f"saving checkpoint step {failed} to {self.directory} failed:"
+                        f" {storage.reason(e)}; last committed step: {last}",
+                        " ".join(str(e).split()))
 
 
 def _restore_target(abstract_state, saved_tree, step: int, directory):

@@ -15,6 +15,7 @@ them. `STORAGE_EMULATOR_HOST` points every client at an emulator (see `configure
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -209,6 +210,19 @@ def one_line(e: BaseException) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   text = text.split(" [tensorstore_spec=")[0]
   return text if len(text) <= 400 else text[:397] + "..."
+
+
+def reason(e: BaseException) -> str:
+  """What went wrong in a few words: the OS error when there is one, else `one_line`."""
+  if isinstance(e, OSError) and e.errno in errno.errorcode:
+    where = f": {e.filename}" if e.filename else ""
+    return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]}){where}"
+  text = " ".join(str(e).split())
+  code = re.search(r"\[os_error_code='(\d+)'\]", text)
+  if code and int(code.group(1)) in errno.errorcode:
+    number = int(code.group(1))
+    return f"{os.strerror(number)} ({errno.errorcode[number]})"
+  return one_line(e)
 
 
 def move_tree(source: epath.Path, target: epath.Path) -> None:
