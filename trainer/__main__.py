@@ -116,15 +116,16 @@ def _drop_abandoned_writes() -> None:
 
 def _storage_failure(e: Exception, workdir: str | None) -> str:
   """One line for a storage failure outside checkpoint saves, with the last step."""
+  from trainer import checkpoint  # pylint: disable=g-import-not-at-top
   from trainer import storage  # pylint: disable=g-import-not-at-top
-  last = "unknown"
+  last = checkpoint.last_committed_step()
   if workdir:
     try:
       steps = [int(p.name) for p in (storage.path(workdir) / "checkpoints").iterdir()
                if p.name.isdigit() and (p / "commit_success.txt").exists()]
-      last = max(steps, default=None)
+      last = max(steps, default=last)
     except Exception:  # pylint: disable=broad-except
-      pass
+      pass  # Gone or forbidden: what this process saw committed.
   return f"storage failed: {storage.reason(e)}; last committed step: {last}"
 
 

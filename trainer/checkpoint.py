@@ -80,6 +80,7 @@ class Checkpointer:
       outcome, value = self._try_restore(step, abstract_state)
       kinds = _agree(outcome)
       if kinds == {"ok"}:
+        _note_committed(step)
         return value, step
       if "mismatch" in kinds:
         raise value if outcome == "mismatch" else UserError(
@@ -164,7 +165,8 @@ class Checkpointer:
       started = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(e, step) from e
-    if started:
+    if started:  # Orbax waited for the save in flight: that step is committed.
+      _note_committed(self._in_flight)
       self._in_flight = step
     return started
 
@@ -189,6 +191,7 @@ class Checkpointer:
       except Exception:  # pylint: disable=broad-except
         pass  # The same failure again; `error` already names it.
       raise error from e
+    _note_committed(self._in_flight)
     self._manager.close()
 
   def _save_error(self, e: Exception, step: int | None) -> Exception:
@@ -202,13 +205,28 @@ class Checkpointer:
     try:
       self._manager.reload()
       steps = self._manager.all_steps()
-      last = max(steps, default=None)
+      # No steps at all: the directory (or its bucket) is gone, not the history.
+      last = max(steps) if steps else last_committed_step()
     except Exception:  # pylint: disable=broad-except
-      steps, last = [], "unknown (the checkpoint directory cannot be listed)"
+      steps, last = [], last_committed_step()
     failed = step if self._in_flight in steps or self._in_flight is None else self._in_flight
     return StorageError(f"saving checkpoint step {failed} to {self.directory} failed:"
                         f" {storage.reason(e)}; last committed step: {last}",
                         " ".join(str(e).split()))
+
+
+_last_committed: int | None = None
+
+
+def _note_committed(step: int | None) -> None:
+  global _last_committed
+  if step is not None:
+    _last_committed = max(step, _last_committed or 0)
+
+
+def last_committed_step() -> int | None:
+  """The newest step this process restored or saw committed (storage may be gone)."""
+  return _last_committed
 
 
 def _restore_target(abstract_state, saved_tree, step: int, directory):

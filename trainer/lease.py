@@ -141,8 +141,9 @@ class Lease:
     try:
       store.delete(self._token)
     except Exception as e:  # pylint: disable=broad-except
-      log.warning("could not release the lease of %s (it goes stale in %.0f s): %s",
-                  store.where, STALE_AFTER_S, storage.one_line(e))
+      # Info, not a warning: the storage failure that ended the run was reported already.
+      log.info("could not release the lease of %s (it goes stale in %.0f s): %s",
+               store.where, STALE_AFTER_S, storage.one_line(e))
 
 
 def _new_record() -> dict:

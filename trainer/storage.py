@@ -205,10 +205,11 @@ def is_storage_error(e: BaseException) -> bool:
 def one_line(e: BaseException) -> str:
   """`e` on one line, short: what the user reads on stderr (run.json keeps it whole).
 
-  Tensorstore appends its whole spec to a message; that part is left out.
+  Tensorstore appends its whole spec or the HTTP body to a message; that is left out.
   """
   text = " ".join(str(e).split()) or type(e).__name__
-  text = text.split(" [tensorstore_spec=")[0]
+  for extra in (" [tensorstore_spec=", " [http_response_body="):
+    text = text.split(extra)[0]
   return text if len(text) <= 400 else text[:397] + "..."
 
 
