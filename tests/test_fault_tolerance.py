@@ -128,6 +128,11 @@ def test_kill_9_random_process_three_times_then_resume(reference, tmp_path):
   assert _sha(workdir) == _sha(reference)
   starts = json.loads((workdir / "run.json").read_text())["starts"]
   assert len(starts) == 4 and starts[-1]["resumed_from_step"] >= kills[-1][1]
+  # A kill -9 of rank 0 leaves its lease behind; the relaunch on this host sees that
+  # the pid no longer runs and takes it over at once.
+  for (rank, _), start in zip(kills, starts[1:]):
+    if rank == 0:
+      assert "no longer runs" in start["lease_taken_over"]["taken_over_because"], start
 
 
 @pytest.mark.slow
@@ -142,6 +147,7 @@ def test_sigterm_to_one_process_commits_an_agreed_step_and_exits_42(reference, t
   out, _ = proc.communicate(timeout=120)
   elapsed = time.monotonic() - sent
   assert proc.returncode == 42, out[-3000:]
+  assert not (workdir / "lease.json").exists()  # Released by process 0.
   agreed = {int(m) for m in re.findall(r"\[rank \d\] preempted: checkpoint committed at step"
                                        r" (\d+)", out)}
   assert len(agreed) == 1 and len(re.findall("preempted: checkpoint committed", out)) == 2, out
@@ -297,6 +303,7 @@ def test_sigterm_single_process_before_first_step_and_during_eval(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 42, err[-2000:]
   assert _committed(early) == [1]
+  assert not (early / "lease.json").exists()  # Released: the relaunch starts at once.
   # 2. During an evaluation (made slow), then resume to the end.
   during = tmp_path / "during"
   proc = subprocess.Popen(

@@ -14,8 +14,10 @@ Every change is a compare-and-swap, so two launches racing for one lease cannot 
 win: on GCS with object generation preconditions (`ifGenerationMatch=0` to create,
 `=<generation>` to renew, take over or delete) through google-cloud-storage, whose
 small uploads are multipart (fake-gcs-server honours preconditions there); locally
-with the old bytes compared under an `flock` of the workdir, then an atomic rename. Ages compare the writer's clock with the reader's: hosts are assumed to agree
-within a few seconds (NTP), far below the 150 s bound.
+with the old bytes compared under an `flock` of the workdir, then an atomic rename.
+Ages compare the writer's clock with the reader's: hosts are assumed to agree within a
+few seconds (NTP), far below the 150 s bound. Host names are assumed unique among the
+machines that share a workdir (true of Kubernetes pods and TPU VMs).
 
 `JAXJOB_LEASE_WAIT_S` (default 0): how long a launch that finds a fresh lease of
 another run waits for it to be released or to go stale before exiting 2; a
