@@ -176,6 +176,7 @@ def _exit(line: str, code: int, orbax_errors: _OrbaxErrors, *, storage_failure=F
   print(line, file=sys.stderr, flush=True)
   sys.exit(code)
 
+
 if __name__ == "__main__":
   _flags = _define_flags()
   app.run(lambda argv: main(argv, *_flags), flags_parser=_parse_flags)
