@@ -223,6 +223,21 @@ def test_the_lease_is_renewed_in_the_background_and_released(tmp_path, monkeypat
   assert json.loads((tmp_path / lease.NAME).read_text()) == other
 
 
+def test_a_run_whose_lease_was_taken_over_stops_at_once(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "from trainer import lease; lease.RENEW_EVERY_S = 0.2\n" + _HOLD,
+       str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert holder.stdout.readline() == "held\n"
+  # What a run that found this lease stale would have written.
+  _write_lease(tmp_path, host="elsewhere")
+  _, err = holder.communicate(timeout=60)
+  assert holder.returncode == 1
+  assert err.strip().splitlines() == [
+      f"error: the lease of {tmp_path}/lease.json was taken over by run 0123456789ab (host"
+      " elsewhere, pid 1, started 2026-01-01T00:00:00+00:00); stopping at once so that only"
+      " one run writes there"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
