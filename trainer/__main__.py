@@ -7,6 +7,7 @@ stderr, nothing written); 42 preempted after a committed checkpoint; 3 diverged;
 import logging as std_logging
 import os
 import sys
+import threading
 import traceback
 
 from trainer import preemption
@@ -22,6 +23,8 @@ from ml_collections import config_flags
 from trainer import errors
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+# How long a run that ends on a storage failure waits for background threads at exit.
+_EXIT_GRACE_S = 10.0
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
 # A bad flag, or a config file that is missing or does not load. config_flags reads the
@@ -174,6 +177,13 @@ def _exit(line: str, code: int, orbax_errors: _OrbaxErrors, *, storage_failure=F
   if verbose:
     traceback.print_exc()
   print(line, file=sys.stderr, flush=True)
+  if storage_failure:
+    # A save that failed early can leave Orbax's signalling threads (not daemons) waiting
+    # for writes that never come, and Python's exit waits for them forever. The failure
+    # is reported and recorded: give a normal exit a bound, then leave without them.
+    timer = threading.Timer(_EXIT_GRACE_S, os._exit, (code,))  # pylint: disable=protected-access
+    timer.daemon = True
+    timer.start()
   sys.exit(code)
 
 
