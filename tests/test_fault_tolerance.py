@@ -1,4 +1,4 @@
-"""Fault tolerance: kill -9, SIGTERM, dead and stuck peers, NaN, corrupted checkpoints.
+"""Fault tolerance: kill -9, SIGTERM, dead and stuck peers, NaN, quarantined checkpoints.
 
 Multi-process tests run the real `python -m launch local` (or the trainer processes it
 would start) on localhost with gloo collectives, and compare final `params_sha256`
@@ -128,6 +128,11 @@ def test_kill_9_random_process_three_times_then_resume(reference, tmp_path):
   assert _sha(workdir) == _sha(reference)
   starts = json.loads((workdir / "run.json").read_text())["starts"]
   assert len(starts) == 4 and starts[-1]["resumed_from_step"] >= kills[-1][1]
+  # A kill -9 of rank 0 leaves its lease behind; the relaunch on this host sees that
+  # the pid no longer runs and takes it over at once.
+  for (rank, _), start in zip(kills, starts[1:]):
+    if rank == 0:
+      assert "no longer runs" in start["lease_taken_over"]["taken_over_because"], start
 
 
 @pytest.mark.slow
@@ -142,6 +147,7 @@ def test_sigterm_to_one_process_commits_an_agreed_step_and_exits_42(reference, t
   out, _ = proc.communicate(timeout=120)
   elapsed = time.monotonic() - sent
   assert proc.returncode == 42, out[-3000:]
+  assert not (workdir / "lease.json").exists()  # Released by process 0.
   agreed = {int(m) for m in re.findall(r"\[rank \d\] preempted: checkpoint committed at step"
                                        r" (\d+)", out)}
   assert len(agreed) == 1 and len(re.findall("preempted: checkpoint committed", out)) == 2, out
@@ -268,6 +274,12 @@ def test_corrupted_latest_checkpoint_is_skipped(tmp_path):
   assert resumed["resumed_from_step"] == 20
   assert resumed["params_sha256"] == reference["params_sha256"]
   assert _committed(workdir) == [20, 40]
+  # The unreadable step was moved aside whole, not deleted, and recorded.
+  (moved,) = (workdir / "checkpoints" / "quarantine").glob("40-*")
+  assert (moved / "commit_success.txt").exists() and (moved / "default" / "_METADATA").exists()
+  (event,) = json.loads((workdir / "run.json").read_text())["starts"][-1]["checkpoint_events"]
+  assert event["event"] == "quarantined" and event["step"] == 40
+  assert event["moved_to"] == str(moved) and "Expecting" in event["reason"]
 
 
 def _single_process(workdir, env=None):
@@ -291,6 +303,7 @@ def test_sigterm_single_process_before_first_step_and_during_eval(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 42, err[-2000:]
   assert _committed(early) == [1]
+  assert not (early / "lease.json").exists()  # Released: the relaunch starts at once.
   # 2. During an evaluation (made slow), then resume to the end.
   during = tmp_path / "during"
   proc = subprocess.Popen(

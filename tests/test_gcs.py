@@ -10,6 +10,7 @@ computation).
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,9 +22,11 @@ import pytest
 
 from tests import gcs_emulator
 from tests.conftest import DATA_DIR, ROOT, tiny_config
+from trainer import checkpoint
+from trainer import lease
 from trainer import storage
 from trainer import train
-from trainer.errors import UserError
+from trainer.errors import StorageError, UserError
 
 BUCKET = "jaxjob-test"
 CSV_URL = f"gs://{BUCKET}/data/train.csv"
@@ -93,7 +96,7 @@ def _committed_steps(names: list[str], run: str) -> list[int]:
   prefix = f"runs/{run}/checkpoints/"
   return sorted(int(n[len(prefix):].split("/")[0]) for n in names
                 if n.startswith(prefix) and n.endswith("/commit_success.txt")
-                and n.count("/") == 4)
+                and n.count("/") == 4 and n[len(prefix):].split("/")[0].isdigit())
 
 
 def _upload_status(url: str, data: bytes, headers=None) -> int:
@@ -151,7 +154,7 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch):
       raise ConnectionResetError("reset by peer")
     return "ok"
 
-  assert storage._retry(flaky) == "ok"  # pylint: disable=protected-access
+  assert storage.retry(flaky) == "ok"
   assert sleeps == [1.0, 2.0, 4.0]
 
   def forbidden():
@@ -160,10 +163,10 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch):
 
   attempts.clear()
   with pytest.raises(PermissionError):
-    storage._retry(forbidden)  # pylint: disable=protected-access
+    storage.retry(forbidden)
   assert len(attempts) == 1
   with pytest.raises(ConnectionResetError):
-    storage._retry(flaky, deadline_s=0)  # pylint: disable=protected-access
+    storage.retry(flaky, deadline_s=0)
 
 
 @pytest.mark.timeout(120)
@@ -383,3 +386,133 @@ def test_two_processes_share_a_gcs_workdir(emulator, tmp_path):
   summary = _summary(emulator, "two")
   assert (summary["num_processes"], summary["num_devices"]) == (2, 4)
   assert summary["eval"]["accuracy"] > 0.85
+
+
+def _config(steps: int):
+  """The FLAGS run, in this process: mobile_price from the bucket, constant rate."""
+  return tiny_config("mobile_price.py", data__path=CSV_URL, optimizer__schedule="constant",
+                     train__steps=steps, train__checkpoint_every=20, train__eval_every=20)
+
+
+def _lease_record(renewed: float) -> bytes:
+  return json.dumps({"owner": "feedc0ffee00", "host": "other-host", "pid": 7, "pid_start": 1,
+                     "started": renewed, "renewed": renewed,
+                     "started_utc": "2026-01-01T00:00:00+00:00"}).encode()
+
+
+def test_the_lease_on_gcs_is_a_compare_and_swap_on_the_generation(emulator, gcs_env):
+  workdir = f"gs://{BUCKET}/runs/lease"
+  store = lease._GcsStore(workdir)  # pylint: disable=protected-access
+  assert store.read() == (None, 0)
+  first = store.write({"owner": "a"}, 0)  # ifGenerationMatch=0: create only
+  with pytest.raises(lease.Conflict):
+    store.write({"owner": "b"}, 0)
+  with pytest.raises(lease.Conflict):
+    store.write({"owner": "b"}, first + 1)
+  second = store.write({"owner": "a", "renewal": 1}, first)  # renew: ifGenerationMatch=<gen>
+  assert store.read() == ({"owner": "a", "renewal": 1}, second) and second != first
+  # Emulator gap (docs/gcs.md): a delete ignores ifGenerationMatch, where GCS answers 412
+  # and keeps the object. If this starts failing, the emulator closed the gap.
+  store.delete(first)
+  assert store.read() == (None, 0)
+
+  name = "runs/lease/lease.json"
+  emulator.upload(BUCKET, name, _lease_record(renewed=time.time()))
+  with pytest.raises(UserError, match=r"is in use: its lease is held by run feedc0ffee00 \(host"
+                     r" other-host, pid 7, started 2026-01-01T00:00:00\+00:00\), renewed \d+ s"
+                     r" ago \(stale after 150 s\)"):
+    lease.Lease().acquire(workdir)
+  assert json.loads(emulator.download(BUCKET, name))["owner"] == "feedc0ffee00"
+  emulator.upload(BUCKET, name, _lease_record(renewed=time.time() - 1000))
+  held = lease.Lease()
+  held.acquire(workdir)
+  assert held.takeover["owner"] == "feedc0ffee00"
+  assert "not renewed for 10" in held.takeover["taken_over_because"]
+  assert json.loads(emulator.download(BUCKET, name))["pid"] == os.getpid()
+  held.release()
+  assert emulator.list(BUCKET, "runs/lease/") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_corrupt_step_on_gcs_is_moved_aside_and_outlives_the_clean_up(emulator, gcs_env,
+                                                                       reference_sha):
+  workdir = f"gs://{BUCKET}/runs/corrupt"
+  train.train_and_evaluate(_config(40), workdir)
+  emulator.upload(BUCKET, "runs/corrupt/checkpoints/40/default/_METADATA", b'{"tree_meta')
+  resumed = train.train_and_evaluate(_config(60), workdir, True)
+  assert resumed["resumed_from_step"] == 20
+  assert resumed["params_sha256"] == reference_sha
+  # A third start runs Orbax's clean-up of unfinished steps again: the folder stays.
+  checkpoint.Checkpointer(storage.path(workdir) / "checkpoints", save_every=20, keep=2).close()
+  names = emulator.list(BUCKET, "runs/corrupt/")
+  folder = "runs/corrupt/checkpoints/quarantine/"
+  (moved,) = {n[len(folder):].split("/")[0] for n in names if n.startswith(folder)} - {
+      "commit_success.txt"}
+  assert moved.startswith("40-")
+  assert f"{folder}commit_success.txt" in names  # keeps Orbax's clean-up away
+  assert emulator.download(BUCKET, f"{folder}{moved}/default/_METADATA") == b'{"tree_meta'
+  assert f"{folder}{moved}/commit_success.txt" in names
+  assert _committed_steps(names, "corrupt") == [40, 60]  # 40 was saved again
+  run = json.loads(emulator.download(BUCKET, "runs/corrupt/run.json"))
+  (event,) = run["starts"][-1]["checkpoint_events"]
+  assert event["event"] == "quarantined" and event["moved_to"] == f"gs://{BUCKET}/{folder}{moved}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_transient_errors_on_restore_are_retried_then_exit_1_keeping_every_step(
+    emulator, gcs_env, monkeypatch):
+  workdir = f"gs://{BUCKET}/runs/transient"
+  train.train_and_evaluate(_config(40), workdir)
+  before = emulator.list(BUCKET, "runs/transient/")
+  proxy = gcs_emulator.FaultProxy(emulator.url).start()
+  proxy.fail_when = lambda method, path: (
+      method == "GET" and "/o/runs/transient/checkpoints/40/default/" in path)
+  monkeypatch.setattr(checkpoint, "RESTORE_RETRY_DEADLINE_S", 1.0)
+  started = time.monotonic()
+  try:
+    gcs_env(proxy.url)
+    with pytest.raises(StorageError, match=r"checkpoint step 40 in gs://jaxjob-test/runs/"
+                       r"transient/checkpoints kept failing with transient errors .*every"
+                       r" checkpoint was left in place"):
+      train.train_and_evaluate(_config(60), workdir, True)
+  finally:
+    proxy.close()
+  print(f"gave up after {time.monotonic() - started:.0f} s and {proxy.counts['503']} 503s")
+  assert proxy.counts["503"] >= 3  # the clients' own retries, then ours
+  assert emulator.list(BUCKET, "runs/transient/") == before  # nothing moved or deleted
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("failure", ["403", "404"])
+def test_losing_the_bucket_mid_run_ends_with_one_line(emulator, tmp_path, failure):
+  run = f"lost-{failure}"
+  proxy = gcs_emulator.FaultProxy(emulator.url).start()
+  env = gcs_emulator.subprocess_env(proxy.url, str(tmp_path))
+  with subprocess.Popen([sys.executable, "-m", "trainer", *FLAGS, "--config.train.steps=5000",
+                         f"--workdir=gs://{BUCKET}/runs/{run}"], cwd=ROOT, env=env,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+    try:
+      deadline = time.monotonic() + 150
+      while not _committed_steps(emulator.list(BUCKET, f"runs/{run}/"), run):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+      (proxy.forbidden_buckets if failure == "403" else proxy.vanished_buckets).add(BUCKET)
+      lost = time.monotonic()
+      _, err = proc.communicate(timeout=200)
+    finally:
+      proc.kill()
+      proxy.close()
+  print(f"HTTP {failure} mid-run: exit {proc.returncode} after {time.monotonic() - lost:.1f} s")
+  assert proc.returncode == 1, err[-3000:]
+  # One line for the failure, last; before it only what any run may log (Orbax's
+  # warnings about slow saves; against an emulator, tensorstore's note that it found no
+  # credentials file): no traceback, no error record.
+  lines = err.strip().splitlines()
+  assert [l for l in lines if l.startswith("error: ")] == lines[-1:], err[-3000:]
+  assert re.search(r"; last committed step: [1-9]\d*$", lines[-1]), lines[-1]
+  assert "Traceback" not in err
+  assert all("Could not find the credentials file" in l for l in lines if l.startswith("E"))
+  assert emulator.list(BUCKET, f"runs/{run}/checkpoints/")  # nothing deleted

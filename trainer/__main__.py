@@ -4,9 +4,12 @@ Exit codes (DESIGN.md section 4): 0 done; 2 bad config, flags or data (one line 
 stderr, nothing written); 42 preempted after a committed checkpoint; 3 diverged; 1 other.
 """
 
+import logging as std_logging
 import os
 import re
 import sys
+import threading
+import traceback
 
 from trainer import preemption
 
@@ -21,6 +24,8 @@ from ml_collections import config_flags
 from trainer import errors
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+# How long a run that ends on a storage failure waits for background threads at exit.
+_EXIT_GRACE_S = 10.0
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
 # A bad flag, or a config file that is missing or does not load. config_flags reads the
@@ -76,26 +81,129 @@ def _explain_missing_key(argv, error: Exception):
     return f"--config.model.{key}: the config's model section has no such key"
 
 
+class _OrbaxErrors(std_logging.Filter):
+  """Holds back Orbax's ERROR records (with tracebacks) until the run's outcome is known.
+
+  A failed async save is logged with its traceback by each of Orbax's background threads
+  (four times for one full disk) and then re-raised in the main thread. When that
+  failure ends the run as one storage-error line, the copies are dropped (run.json keeps
+  the reason; `--verbosity=1` shows everything); otherwise they are printed at the end.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[std_logging.LogRecord] = []
+
+  def filter(self, record):
+    if record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname:
+      self.held.append(record)
+      return False
+    return True
+
+  def release(self) -> None:
+    for record in self.held:
+      std_logging.getLogger().handle(record)  # The root's handlers, past this filter.
+    self.held.clear()
+
+
+def _abandoned_write(kind, value, tb) -> bool:
+  """Whether an exception is the "Event loop is closed" of a write a failed save left.
+
+  When one write of an async save fails, Orbax stops waiting for the others and closes
+  the event loop of that save; tensorstore then completes each abandoned write by
+  calling `loop.call_soon_threadsafe` on the closed loop, and the RuntimeError reaches
+  `sys.excepthook` or `sys.unraisablehook` (dozens on a full disk). The save's failure
+  itself reaches the main thread and is reported once.
+  """
+  frames = traceback.extract_tb(tb)
+  return (kind is RuntimeError and str(value) == "Event loop is closed" and bool(frames)
+          and frames[0].name == "call_soon_threadsafe")
+
+
+def _drop_abandoned_writes() -> None:
+  """Routes every other exception to the hooks installed before."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(kind, value, tb):
+    if not _abandoned_write(kind, value, tb):
+      excepthook(kind, value, tb)
+
+  def on_unraisable(unraisable):
+    if not _abandoned_write(unraisable.exc_type, unraisable.exc_value,
+                            unraisable.exc_traceback):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
+def _storage_failure(e: Exception, workdir: str | None) -> str:
+  """One line for a storage failure outside checkpoint saves, with the last step."""
+  from trainer import checkpoint  # pylint: disable=g-import-not-at-top
+  from trainer import storage  # pylint: disable=g-import-not-at-top
+  last = checkpoint.last_committed_step()
+  if workdir:
+    try:
+      steps = [int(p.name) for p in (storage.path(workdir) / "checkpoints").iterdir()
+               if p.name.isdigit() and (p / "commit_success.txt").exists()]
+      last = max(steps, default=last)
+    except Exception:  # pylint: disable=broad-except
+      pass  # Gone or forbidden: what this process saw committed.
+  return f"storage failed: {storage.reason(e)}; last committed step: {last}"
+
+
 def main(argv, config_flag, workdir_flag, allow_flag):
   if len(argv) > 1:
     print(f"error: unexpected positional arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
+  verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  orbax_errors = _OrbaxErrors()
+  if not verbose:
+    std_logging.getLogger("absl").addFilter(orbax_errors)
+    _drop_abandoned_writes()
   try:
     config = config_flag.value
     config.name  # pylint: disable=pointless-statement  (loads a lazily parsed config)
   except _FLAG_ERRORS as e:
     _bad_flags(e)
+  from trainer import storage  # pylint: disable=g-import-not-at-top
   from trainer import train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(config, workdir_flag.value, allow_flag.value)
   except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    _exit(f"error: {e}", e.exit_code, orbax_errors)
   except (errors.Preempted, errors.Diverged) as e:
-    print(str(e), file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
+    _exit(str(e), e.exit_code, orbax_errors)
+  except errors.StorageError as e:
+    _exit(f"error: {e.line}", e.exit_code, orbax_errors, storage_failure=True,
+          verbose=verbose)
+  except Exception as e:  # pylint: disable=broad-except
+    if not storage.is_storage_error(e):
+      orbax_errors.release()
+      raise
+    _exit(f"error: {_storage_failure(e, workdir_flag.value)}", 1, orbax_errors,
+          storage_failure=True, verbose=verbose)
+  orbax_errors.release()
+
+
+def _exit(line: str, code: int, orbax_errors: _OrbaxErrors, *, storage_failure=False,
+          verbose=False):
+  """Prints `line` (after Orbax's held-back errors, unless `line` reports them) and exits."""
+  if storage_failure:
+    orbax_errors.held.clear()  # Copies of the failure that `line` reports.
+  orbax_errors.release()
+  if verbose:
+    traceback.print_exc()
+  print(line, file=sys.stderr, flush=True)
+  if storage_failure:
+    # A save that failed early can leave Orbax's signalling threads (not daemons) waiting
+    # for writes that never come, and Python's exit waits for them forever. The failure
+    # is reported and recorded: give a normal exit a bound, then leave without them.
+    timer = threading.Timer(_EXIT_GRACE_S, os._exit, (code,))  # pylint: disable=protected-access
+    timer.daemon = True
+    timer.start()
+  sys.exit(code)
 
 
 if __name__ == "__main__":

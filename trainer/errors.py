@@ -17,3 +17,18 @@ class Diverged(Exception):
   """Loss or gradients became non-finite; the last good checkpoint is kept."""
 
   exit_code = 3
+
+
+class StorageError(Exception):
+  """Storage failed: disk full, permission lost, bucket gone, an outage past the retries.
+
+  One line on stderr naming what failed, where, and the last committed step; every
+  committed checkpoint is left in place. `line` is that line; `str()` adds the
+  storage's own words in full, for run.json.
+  """
+
+  exit_code = 1
+
+  def __init__(self, line: str, detail: str | None = None):
+    super().__init__(f"{line} [{detail}]" if detail else line)
+    self.line = line

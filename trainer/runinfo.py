@@ -79,6 +79,14 @@ class RunRecord:
     }
     storage.write_json(self._path, self.record)
 
+  def note(self, **entries) -> None:
+    """Adds the non-empty `entries` to this start's entry in run.json."""
+    entries = {k: v for k, v in entries.items() if v}
+    if self._path is None or not entries:
+      return
+    self.record["starts"][-1].update(entries)
+    storage.write_json(self._path, self.record)
+
   def finish(self, code: int, reason: str) -> None:
     if self._path is None:
       return

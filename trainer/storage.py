@@ -15,6 +15,7 @@ them. `STORAGE_EMULATOR_HOST` points every client at an emulator (see `configure
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -34,6 +35,11 @@ _T = TypeVar("_T")
 # alone gives up after 6 attempts (about 30 s of backoff).
 RETRY_DEADLINE_S = 120.0
 _TRANSIENT_HTTP = {"408", "429", "500", "502", "503", "504"}
+# Tensorstore (Orbax's array I/O) raises ValueError("<absl status code>: ...").
+_TRANSIENT_STATUS = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "ABORTED:")
+_STORAGE_STATUS = _TRANSIENT_STATUS + ("RESOURCE_EXHAUSTED:", "PERMISSION_DENIED:",
+                                       "UNAUTHENTICATED:", "NOT_FOUND:", "INTERNAL:",
+                                       "UNKNOWN:")
 WORKDIR_ROLE = "roles/storage.objectUser"
 DATA_ROLE = "roles/storage.objectViewer"
 
@@ -101,9 +107,9 @@ def check_writable(workdir: str) -> None:
 def _check_gcs_access(workdir: str, probe: epath.Path) -> None:
   fs = _gcs(probe)
   steps = [("storage.objects.create", lambda: write_bytes(probe, b"ok")),
-           ("storage.objects.get", lambda: _retry(fs.cat_file, str(probe))),
-           ("storage.objects.list", lambda: _retry(fs.ls, workdir, detail=False)),
-           ("storage.objects.delete", lambda: _retry(_unlink, probe))]
+           ("storage.objects.get", lambda: retry(fs.cat_file, str(probe))),
+           ("storage.objects.list", lambda: retry(fs.ls, workdir, detail=False)),
+           ("storage.objects.delete", lambda: retry(_unlink, probe))]
   for permission, step in steps:
     try:
       step()
@@ -159,6 +165,8 @@ def is_transient(e: BaseException) -> bool:
     return True
   if str(getattr(e, "code", None)) in _TRANSIENT_HTTP:  # gcsfs.retry.HttpError
     return True
+  if isinstance(e, ValueError) and str(e).startswith(_TRANSIENT_STATUS):  # tensorstore
+    return True
   try:
     import aiohttp  # pylint: disable=g-import-not-at-top
     import requests  # pylint: disable=g-import-not-at-top
@@ -167,7 +175,8 @@ def is_transient(e: BaseException) -> bool:
   return isinstance(e, (aiohttp.ClientError, requests.ConnectionError, requests.Timeout))
 
 
-def _retry(fn: Callable[..., _T], *args, deadline_s: float | None = None, **kwargs) -> _T:
+def retry(fn: Callable[..., _T], *args, deadline_s: float | None = None,
+          **kwargs) -> _T:
   """`fn(*args, **kwargs)`, retried with exponential backoff while errors are transient."""
   deadline = time.monotonic() + (RETRY_DEADLINE_S if deadline_s is None else deadline_s)
   delay = 1.0
@@ -183,6 +192,67 @@ def _retry(fn: Callable[..., _T], *args, deadline_s: float | None = None, **kwar
       delay = min(2 * delay, 30.0)
 
 
+def is_storage_error(e: BaseException) -> bool:
+  """Whether `e` is a failure of the storage itself (disk full, permission, bucket, I/O)."""
+  if isinstance(e, OSError) or is_transient(e):
+    return True
+  if isinstance(e, ValueError) and str(e).startswith(_STORAGE_STATUS):
+    return True
+  return getattr(e, "code", None) is not None and type(e).__module__.startswith(
+      ("gcsfs", "google"))
+
+
+def one_line(e: BaseException) -> str:
+  """`e` on one line, short: what the user reads on stderr (run.json keeps it whole).
+
+  Tensorstore appends its whole spec or the HTTP body to a message; that is left out.
+  """
+  text = " ".join(str(e).split()) or type(e).__name__
+  for extra in (" [tensorstore_spec=", " [http_response_body="):
+    text = text.split(extra)[0]
+  return text if len(text) <= 400 else text[:397] + "..."
+
+
+def reason(e: BaseException) -> str:
+  """What went wrong in a few words: the OS error when there is one, else `one_line`."""
+  if isinstance(e, OSError) and e.errno in errno.errorcode:
+    where = f": {e.filename}" if e.filename else ""
+    return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]}){where}"
+  text = " ".join(str(e).split())
+  code = re.search(r"\[os_error_code='(\d+)'\]", text)
+  if code and int(code.group(1)) in errno.errorcode:
+    number = int(code.group(1))
+    return f"{os.strerror(number)} ({errno.errorcode[number]})"
+  return one_line(e)
+
+
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+  """Moves the directory `source` to `target`; never deletes before the copy is whole.
+
+  Locally one atomic rename (same file system). On GCS, where a move is a copy and a
+  delete, every object is copied first; then the source's `commit_success.txt` goes
+  first, so a move cut short leaves an uncommitted source (which Orbax never lists)
+  beside a complete copy.
+  """
+  if not is_remote(source):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(source, target)
+    return
+  fs = _gcs(source)
+  # gcsfs names objects without the gs:// scheme.
+  src, dst = (os.fspath(p).removeprefix("gs://").rstrip("/") for p in (source, target))
+  names = sorted(retry(fs.find, src))
+  for name in names:
+    retry(fs.copy, name, dst + name[len(src):])
+  copied = set(retry(fs.find, dst))
+  lost = [n for n in names if dst + n[len(src):] not in copied]
+  if lost:
+    raise OSError(f"copy of {src} to {dst} is missing {lost[:3]}; the source was kept")
+  names.sort(key=lambda n: not n.endswith("/commit_success.txt"))
+  for name in names:
+    retry(_unlink, epath.Path(f"gs://{name}"))
+
+
 def _gcs(p: str | os.PathLike):
   """The gcsfs filesystem `epath` itself uses for `p` (one instance, one session)."""
   from etils.epath import backend  # pylint: disable=g-import-not-at-top
@@ -193,7 +263,7 @@ def read_bytes(p: str | os.PathLike) -> bytes:
   """The bytes of `p`; on GCS one request, retried while errors are transient."""
   source = path(p)
   if is_remote(source):
-    return _retry(_gcs(source).cat_file, os.fspath(source))
+    return retry(_gcs(source).cat_file, os.fspath(source))
   return source.read_bytes()
 
 
@@ -223,7 +293,7 @@ def write_bytes(p: str | os.PathLike, data: bytes) -> None:
   if is_remote(target):
     # One simple (non-resumable) upload: all or nothing, and safe to repeat when a
     # reset connection hides whether it arrived. GCS has no directories to create.
-    _retry(_gcs(target).pipe_file, os.fspath(target), data)
+    retry(_gcs(target).pipe_file, os.fspath(target), data)
     return
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"

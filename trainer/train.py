@@ -23,6 +23,7 @@ import optax
 from trainer import checkpoint
 from trainer import data
 from trainer import distributed
+from trainer import lease
 from trainer import models
 from trainer import optimizers
 from trainer import parallel
@@ -256,7 +257,19 @@ def train_and_evaluate(config, workdir: str | None = None, allow_config_change: 
 
 def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
         watcher: preemption.Watcher | None = None, start_time: float | None = None) -> dict:
-  """Runs a built job in `workdir` (resuming its newest committed checkpoint)."""
+  """Runs a built job in `workdir` (resuming its newest committed checkpoint).
+
+  The run holds the workdir's lease (`trainer/lease.py`) from before its first write to
+  its end, whatever the end: a second run of the same workdir meanwhile is refused.
+  """
+  writer = lease.Lease()
+  try:
+    return _run(job, workdir, allow_config_change, writer, watcher, start_time)
+  finally:
+    writer.release()
+
+
+def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict:
   start_time = time.time() if start_time is None else start_time
   config, dataset, strategy = job.config, job.dataset, job.strategy
   profiling.start_server(config.profile.server_port)
@@ -264,6 +277,7 @@ def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
   distributed.check_agreement(config.to_json_best_effort())
   # Writability first: on a bucket without access, reading run.json would fail less clearly.
   storage.check_writable(workdir)
+  writer.acquire(workdir)  # One writer per workdir: exit 2 while another run holds it.
   runinfo.check_resume_config(workdir, config, allow_config_change)
 
   # Nothing has been written so far: every bad-input error above leaves no trace.
@@ -275,6 +289,7 @@ def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
   is_main = jax.process_index() == 0
   reporter = report.Reporter(workdir if is_main else None, start_step, config)
   record = runinfo.RunRecord(workdir if is_main else None, config, strategy, start_step)
+  record.note(lease_taken_over=writer.takeover, checkpoint_events=ckpt.events)
   # What prediction needs besides the parameters (trainer/predict.py).
   reporter.write_json("data_stats.json", {**dataset.stats, "features": dataset.feature_names,
                                           "classes": dataset.class_names,
@@ -284,6 +299,7 @@ def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
   loop = Loop(job, ckpt, reporter, hooks=job.hooks)
   try:
     state = loop.run(job.step_fn, strategy.to_device(state), start_step, watcher)
+    ckpt.close()  # A failed last save is recorded in run.json like any other failure.
   except BaseException as e:
     record.finish(getattr(e, "exit_code", 1), f"{type(e).__name__}: {e}")
     raise
