@@ -13,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -55,6 +56,10 @@ def _project(directory, dependency: str = ""):
   (directory / "tiny_project").mkdir(parents=True)
   (directory / "pyproject.toml").write_text(_PYPROJECT.format(dependency=dependency))
   (directory / "tiny_project" / "__init__.py").write_text('GREETING = "tiny project"\n')
+  # A config of the project's own, run by path as in a checkout: `--config=tiny_project/...`.
+  (directory / "tiny_project" / "config.py").write_text(
+      "from trainer.configs import breast_cancer\n\n\ndef get_config():\n"
+      "  config = breast_cancer.get_config()\n  config.name = 'tiny'\n  return config\n")
   return directory
 
 
@@ -175,22 +180,45 @@ def test_build_push_pull_and_run_a_project_image(registry, tmp_path):
   # The project's one dependency is not in the trainer image: pip must install it on top.
   project = _project(tmp_path / "tiny", dependency='"six"')
   tag = f"{registry.host}/tiny-project:cpu"
+  started = time.monotonic()
   built = _launch("build", f"--tag={tag}", f"--project={project}", f"--base-image={base}",
                   "--network=host", cwd=tmp_path)
   assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
   assert f"# next: python -m launch image push --tag={tag}" in built.stdout
+  seconds = {"build": time.monotonic() - started}
   pushed = _launch("push", f"--tag={tag}", cwd=tmp_path)
+  seconds["push"] = time.monotonic() - started - seconds["build"]
   assert pushed.returncode == 0, pushed.stdout + pushed.stderr
   (digest,) = re.findall(r"^pushed: (\S+@sha256:[0-9a-f]{64}) ", pushed.stdout, re.M)
   container.docker("rmi", tag)  # What runs next must come from the registry.
+  pulling = time.monotonic()
   container.docker("pull", digest, timeout=900)
+  seconds["pull"] = time.monotonic() - pulling
+  print("image build (trainer image cached), push, pull: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
   script = ("import six, tiny_project, trainer.train, jax; print(tiny_project.GREETING,"
             " tiny_project.__file__, jax.default_backend())")
   proc = container.docker("run", "--rm", "--network=none", "--read-only", "--tmpfs=/tmp",
                           "--entrypoint=python", digest, "-c", script)
   assert proc.stdout.split() == ["tiny", "project", "/app/tiny_project/__init__.py", "cpu"]
   assert container.image_user(digest) == image_launcher.TRAINER_USER
-  helped = container.docker("run", "--rm", "--network=none", "--read-only", "--tmpfs=/tmp",
-                            digest, "--help")
-  assert "--config" in helped.stdout + helped.stderr
+  job = container.docker("run", "--rm", "--network=none", "--read-only", "--tmpfs=/tmp",
+                         digest, "--config=tiny_project/config.py", "--config.train.steps=20",
+                         "--workdir=/tmp/run")
+  assert "done: step 20 held-out accuracy" in job.stdout + job.stderr, job.stdout[-3000:]
   container.docker("rmi", digest, check=False)
+
+
+def test_every_documented_image_command_is_a_valid_dry_run(tmp_path, monkeypatch, capsys):
+  # The docs' `--project=../my-model` is a project beside the working directory.
+  _project(tmp_path / "my-model")
+  (tmp_path / "work").mkdir()
+  monkeypatch.chdir(tmp_path / "work")
+  pages = [ROOT / "README.md", ROOT / "docs" / "gke.md", ROOT / "docs" / "tpu-vm.md"]
+  commands = [shlex.split(line)[4:] for page in pages for line in page.read_text().splitlines()
+              if line.startswith("python -m launch image ")]
+  assert {argv[0] for argv in commands} == {"build", "push"} and len(commands) >= 6
+  for argv in commands:
+    code, out, err = cli([*argv, "--dry-run"], capsys)
+    assert (code, err) == (0, ""), (argv, err)
+    assert "$ docker " in out
