@@ -13,7 +13,7 @@ replayed with docker:
   same index and coordinator address, while the other pod runs on; every failed pod counts
   against `backoffLimit`.
 
-docs/gke.md ("Restarts") and docs/container.md record the outcome.
+docs/gke.md ("Two restart policies") and docs/container.md ("Gang restarts") record the outcome.
 """
 
 import subprocess

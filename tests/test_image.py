@@ -191,6 +191,7 @@ def test_build_push_pull_and_run_a_project_image(registry, tmp_path):
   assert pushed.returncode == 0, pushed.stdout + pushed.stderr
   (digest,) = re.findall(r"^pushed: (\S+@sha256:[0-9a-f]{64}) ", pushed.stdout, re.M)
   container.docker("rmi", tag)  # What runs next must come from the registry.
+  assert container.docker("image", "inspect", digest, check=False).returncode != 0
   pulling = time.monotonic()
   container.docker("pull", digest, timeout=900)
   seconds["pull"] = time.monotonic() - pulling
