@@ -5,7 +5,7 @@
 `FROM` that trainer image, whose context is DIR: the project's files go under /app (on the
 image's PYTHONPATH, beside trainer/, so `--config=PKG/configs/x.py` paths work as in the
 checkout) and `pip install` installs the project with its dependencies into the trainer's
-virtualenv. The entrypoint stays the trainer. `push` pushes a tag and prints the digest to pin;
+virtualenv. The entrypoint stays the trainer. `push` (or `build --push`) pushes a tag and prints the digest to pin;
 for Artifact Registry it prints (or, with `--configure-docker`, runs) the one-time
 `gcloud auth configure-docker HOST`. Every command is an argv list; `--dry-run` prints them.
 """
@@ -55,6 +55,9 @@ def add_parser(subparsers) -> None:
                      help="the jaxjob checkout whose Dockerfile is built (default: this one)")
   build.add_argument("--network", choices=("default", "host", "none"),
                      help="docker build --network (host: an engine without a bridge)")
+  build.add_argument("--push", action="store_true", help="then push it, as `image push` does")
+  build.add_argument("--configure-docker", action="store_true",
+                     help="with --push: first run `gcloud auth configure-docker HOST`")
   build.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
   build.set_defaults(func=build_image)
   push = verbs.add_parser("push", allow_abbrev=False, help="push an image and print its digest")
@@ -103,8 +106,12 @@ def build_argvs(args: argparse.Namespace) -> list[tuple[list[str], str | None]]:
 
 
 def build_image(args: argparse.Namespace) -> int:
-  """The `build` verb. Every flag is checked before anything runs."""
+  """The `build` verb (and `push` with --push). Every flag is checked before anything runs."""
   commands = build_argvs(args)
+  if args.configure_docker and not args.push:
+    raise common.UsageError("--configure-docker goes with --push")
+  if args.push:
+    push_argvs(args)  # Its checks, before the build.
   for argv, dockerfile in commands:
     if dockerfile is not None:
       print("# the generated Dockerfile (stdin of the next command):")
@@ -116,6 +123,8 @@ def build_image(args: argparse.Namespace) -> int:
     if code:
       print(f"docker build failed with exit code {code}", file=sys.stderr)
       return code
+  if args.push:
+    return push_image(args)
   print(f"# next: python -m launch image push --tag={args.tag}", flush=True)
   return 0
 

@@ -32,6 +32,8 @@ INVOCATIONS = {
         "--base-image=python:3.12-slim-bookworm", "--jaxjob-dir=jaxjob"],
     "build_tpu_project": ["build", f"--tag={AR}/my-model:tpu", "--accelerator=tpu",
                           "--project=my_project", "--jaxjob-dir=jaxjob"],
+    "build_project_push": ["build", f"--tag={AR}/my-model:cpu", "--project=my_project",
+                           "--jaxjob-dir=jaxjob", "--push", "--configure-docker"],
     "push_artifact_registry": ["push", f"--tag={AR}/my-model:tpu"],
     "push_configure_docker": ["push", f"--tag={AR}/my-model:tpu", "--configure-docker"],
     "push_local_registry": ["push", "--tag=127.0.0.1:5000/jaxjob:cpu"],
@@ -114,6 +116,8 @@ def test_no_stale_goldens():
     (["build", "--tag=j:cpu", "--base-image=python 3"], "--base-image='python 3'"),
     (["build", "--tag=j:cpu", "--accelerator=rocm"], "invalid choice: 'rocm'"),
     (["push", "--tag=jaxjob:cpu"], "with a registry host"),
+    (["build", "--tag=jaxjob:cpu", "--push"], "with a registry host"),
+    (["build", f"--tag={AR}/j:cpu", "--configure-docker"], "--configure-docker goes with --push"),
     (["push", "--tag=127.0.0.1:5000/j:cpu", "--configure-docker"], "is not Artifact Registry"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, expected, workspace, capsys):
@@ -182,20 +186,20 @@ def test_build_push_pull_and_run_a_project_image(registry, tmp_path):
   tag = f"{registry.host}/tiny-project:cpu"
   started = time.monotonic()
   built = _launch("build", f"--tag={tag}", f"--project={project}", f"--base-image={base}",
-                  "--network=host", cwd=tmp_path)
+                  "--network=host", "--push", cwd=tmp_path)
+  seconds = {"build and push": time.monotonic() - started}
   assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-  assert f"# next: python -m launch image push --tag={tag}" in built.stdout
-  seconds = {"build": time.monotonic() - started}
-  pushed = _launch("push", f"--tag={tag}", cwd=tmp_path)
-  seconds["push"] = time.monotonic() - started - seconds["build"]
+  (digest,) = re.findall(r"^pushed: (\S+@sha256:[0-9a-f]{64}) ", built.stdout, re.M)
+  assert digest.startswith(f"{registry.host}/tiny-project@")
+  pushed = _launch("push", f"--tag={tag}", cwd=tmp_path)  # Again: the same digest.
   assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-  (digest,) = re.findall(r"^pushed: (\S+@sha256:[0-9a-f]{64}) ", pushed.stdout, re.M)
+  assert f"pushed: {digest} " in pushed.stdout
   container.docker("rmi", tag)  # What runs next must come from the registry.
   assert container.docker("image", "inspect", digest, check=False).returncode != 0
   pulling = time.monotonic()
   container.docker("pull", digest, timeout=900)
   seconds["pull"] = time.monotonic() - pulling
-  print("image build (trainer image cached), push, pull: "
+  print("image build --push (trainer image cached), pull: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
   script = ("import six, tiny_project, trainer.train, jax; print(tiny_project.GREETING,"
             " tiny_project.__file__, jax.default_backend())")
