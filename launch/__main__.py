@@ -1,6 +1,6 @@
-"""`python -m launch {local,tpu-vm,k8s} ...`: run the trainer somewhere.
+"""`python -m launch {local,tpu-vm,k8s,image} ...`: run the trainer somewhere, build its image.
 
-Each subcommand lives in its own module (`local.py`, `tpu_vm.py`, `k8s.py`), which
+Each subcommand lives in its own module (`local.py`, `tpu_vm.py`, `k8s.py`, `image.py`), which
 exposes `add_parser(subparsers)`; the parser it adds sets `func(args) -> int`.
 """
 
@@ -12,7 +12,8 @@ import sys
 
 from launch import common
 
-_SUBCOMMANDS = {"local": "launch.local", "tpu-vm": "launch.tpu_vm", "k8s": "launch.k8s"}
+_SUBCOMMANDS = {"local": "launch.local", "tpu-vm": "launch.tpu_vm", "k8s": "launch.k8s",
+                "image": "launch.image"}
 
 
 class _Parser(argparse.ArgumentParser):

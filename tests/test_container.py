@@ -79,39 +79,52 @@ _COMMITTED = re.compile(r".*/checkpoints/(\d+)/commit_success\.txt")
 
 
 class Job:
-  """The pods of one rendered Indexed Job, run as containers named NAME-INDEX."""
+  """The pods of one rendered Indexed Job (or JobSet), run as containers named NAME-INDEX-N."""
 
-  def __init__(self, image: str, gcs, nodes: int, args: list[str], run: str):
+  def __init__(self, image: str, gcs, nodes: int, args: list[str], run: str,
+               kind: str = "indexed-job"):
     self.name = f"ct-{uuid.uuid4().hex[:8]}"
     self.image, self.gcs, self.nodes, self.run = image, gcs, nodes, run
     rendered = subprocess.run(
         [sys.executable, "-m", "launch", "k8s", "render", f"--name={self.name}",
-         "--indexed-job", f"--nodes={nodes}", f"--image={image}",
+         f"--{kind}", f"--nodes={nodes}", f"--image={image}",
          f"--workdir=gs://{BUCKET}/{run}", "--",
          *args], cwd=ROOT, capture_output=True, text=True, check=True)
-    (job,) = [d for d in yaml.safe_load_all(rendered.stdout) if d["kind"] == "Job"]
+    documents = list(yaml.safe_load_all(rendered.stdout))
+    (self.manifest,) = [d for d in documents if d["kind"] in ("Job", "JobSet")]
+    job = self.manifest
+    if job["kind"] == "JobSet":  # One replicated Job of `nodes` pods (one slice).
+      (replicated,) = job["spec"]["replicatedJobs"]
+      job = replicated["template"]
+    self.job_spec = job["spec"]
     self.pod = job["spec"]["template"]["spec"]
     rules = job["spec"].get("podFailurePolicy", {}).get("rules", [])
     self.fail_job_codes = {code for rule in rules if rule["action"] == "FailJob"
                            for code in rule.get("onExitCodes", {}).get("values", [])}
     self.started: list[str] = []
+    self.current: list[str] = []
+    self.port = 0
 
   def start(self) -> None:
     """Starts one container per completion index (fresh containers on every call)."""
-    port = local._free_port()  # pylint: disable=protected-access
+    self.port = local._free_port()  # pylint: disable=protected-access
+    self.current = [""] * self.nodes
+    for index in range(self.nodes):
+      self.start_index(index)
+
+  def start_index(self, index: int) -> None:
+    """Starts a container for `index` alone, with the group's coordinator address."""
     extra = [f"--volume={DATA_DIR / 'train.csv'}:{DATA}:ro"]
     for key, value in gcs_emulator.env(self.gcs.url, "/nonexistent").items():
       if key != "CLOUDSDK_CONFIG":
         extra.append(f"--env={key}={value}")
-    names = []
-    for index in range(self.nodes):
-      flags = container.pod_run_flags(self.pod, index=index, coordinator=f"127.0.0.1:{port}")
-      name = f"{self.name}-{index}-{len(self.started)}"
-      container.docker("run", "--detach", f"--name={name}", *flags, *extra, self.image,
-                       *container.pod_command(self.pod))
-      names.append(name)
-      self.started.append(name)
-    self.current = names
+    flags = container.pod_run_flags(self.pod, index=index,
+                                    coordinator=f"127.0.0.1:{self.port}")
+    name = f"{self.name}-{index}-{len(self.started)}"
+    container.docker("run", "--detach", f"--name={name}", *flags, *extra, self.image,
+                     *container.pod_command(self.pod))
+    self.started.append(name)
+    self.current[index] = name
 
   def wait(self, index: int, timeout: float = 300) -> int:
     out = container.docker("wait", self.current[index], timeout=timeout).stdout
