@@ -62,8 +62,8 @@ def test_ema_switched_on_restores_the_newest_step_and_starts_the_average_there(r
   # What the trainer restores into: the state the new config builds (EMA on).
   config = tiny_config("breast_cancer.py", train__ema_decay=0.99)
   tx, _ = train.make_optimizer(config)
-  fresh = train.create_train_state(jax.random.PRNGKey(0), model=models.create(config, 2),
-                                   tx=tx, num_features=30, ema=True)
+  fresh = train.create_train_state(jax.random.PRNGKey(0), model=models.create(config.model, 1),
+                                   tx=tx, example_x=np.zeros((1, 30), np.float32), ema=True)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=50, keep=2)
   state, step = ckpt.restore_latest(checkpoint.abstract(fresh))
   ckpt.close()
@@ -112,8 +112,8 @@ def test_changed_optimizer_exits_2_before_training_and_keeps_every_step(run_200,
 def test_a_changed_shape_is_named_with_both_shapes(run_200):
   config = tiny_config("breast_cancer.py")
   tx, _ = train.make_optimizer(config)
-  wider = train.create_train_state(jax.random.PRNGKey(0), model=models.create(config, 3),
-                                   tx=tx, num_features=30)
+  wider = train.create_train_state(jax.random.PRNGKey(0), model=models.create(config.model, 3),
+                                   tx=tx, example_x=np.zeros((1, 30), np.float32))
   ckpt = checkpoint.Checkpointer(run_200 / "checkpoints", save_every=50, keep=2)
   with pytest.raises(UserError, match=r"shape or dtype differs: opt_state\.0\.mu\.linear\.bias"
                      r" float32\[1\] saved, float32\[3\] now"):

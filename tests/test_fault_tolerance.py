@@ -279,7 +279,8 @@ def test_corrupted_latest_checkpoint_is_skipped(tmp_path):
   assert (moved / "commit_success.txt").exists() and (moved / "default" / "_METADATA").exists()
   (event,) = json.loads((workdir / "run.json").read_text())["starts"][-1]["checkpoint_events"]
   assert event["event"] == "quarantined" and event["step"] == 40
-  assert event["moved_to"] == str(moved) and "Expecting" in event["reason"]
+  # The reason is the JSON decoder's, which names where the truncated metadata broke off.
+  assert event["moved_to"] == str(moved) and re.search(r"line \d+ column \d+", event["reason"])
 
 
 def _single_process(workdir, env=None):

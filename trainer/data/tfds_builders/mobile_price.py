@@ -35,7 +35,9 @@ class MobilePrice(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     path = dl_manager.manual_dir / "train.csv"
-    x, y, _ = csv_source.read_table(str(path), "price_range", [])
+    frame, features = csv_source.read_table(str(path), "price_range", [])  # cells as text
+    x = frame[features].astype(np.float32).to_numpy()
+    y = frame["price_range"].astype(np.int64).to_numpy()
     train_x, test_x, train_y, test_y = model_selection.train_test_split(
         x, y, test_size=0.2, stratify=y, random_state=0)
     return {"train": self._generate_examples(train_x, train_y),
