@@ -5,7 +5,7 @@
 
 1. Ceilings: a bf16 matmul (8192^3) and a streaming elementwise kernel (GB/s).
 2. GPT-2 small (`trainer/configs/gpt2_small.py`: 124M parameters, T = 1024, bf16 compute,
-   f32 parameters, AdamW): the trainer's `_Loop` against a bare loop around the same
+   f32 parameters, AdamW): the trainer's `Loop` against a bare loop around the same
    compiled step, in paired rounds with an A/A control (bench.harness). Tokens/s and
 
      MFU_causal = tokens/s x (6 N + 6 L d T) / peak      (llm.c; MaxText since 2025)

@@ -76,11 +76,12 @@ def train_step(state: TrainState, batch, *, model, task, tx, schedule, l2: float
   gradients are averaged in a `lax.scan` (mutable model state, e.g. batch statistics,
   is threaded through them). A non-finite loss or gradient leaves params, optimiser
   state, model state and EMA unchanged (a select, not a multiply: 0 * NaN is NaN) and
-  reports `finite = 0`. Under `pmap`, gradients, metrics and model state are averaged
-  with one `lax.pmean` over `axis_name`; under `jit` the sharding makes XLA do the same.
+  reports `finite = 0`. Under `pmap` and `shard_map` (`axis_name` set), gradients,
+  metrics and model state are averaged with one `lax.pmean` over `axis_name`; under
+  `jit` the sharding makes XLA do the same.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:  # pmap: each device's examples get their own dropout masks
+  if axis_name is not None:  # pmap, shard_map: each device's examples get their own masks
     step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
 
   def loss_fn(params, model_state, micro, rng):
