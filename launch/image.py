@@ -87,9 +87,10 @@ def build_argvs(args: argparse.Namespace) -> list[tuple[list[str], str | None]]:
   """The `docker build` commands of `build`, each with the Dockerfile it reads on stdin."""
   tag = _tag(args.tag)
   jaxjob = _directory(args.jaxjob_dir, "--jaxjob-dir", ("Dockerfile",))
-  project = _directory(args.project, "--project", _PROJECT_FILES) if args.project else None
+  flag = getattr(args, "project_flag", "--project")  # `tpu-vm launch` calls it --build
+  project = _directory(args.project, flag, _PROJECT_FILES) if args.project else None
   if project is not None and (project / "trainer").exists():
-    raise common.UsageError(f"--project={args.project!r} has a trainer/ directory: it would"
+    raise common.UsageError(f"{flag}={args.project!r} has a trainer/ directory: it would"
                             " replace jaxjob's trainer package under /app")
   network = [f"--network={args.network}"] if args.network else []
   build_args = [f"--build-arg=ACCELERATOR={args.accelerator}"]
@@ -112,20 +113,25 @@ def build_image(args: argparse.Namespace) -> int:
     raise common.UsageError("--configure-docker goes with --push")
   if args.push:
     push_argvs(args)  # Its checks, before the build.
+  code = _run_builds(commands, dry_run=args.dry_run)
+  if code or args.push:
+    return code or push_image(args)
+  print(f"# next: python -m launch image push --tag={args.tag}", flush=True)
+  return 0
+
+
+def _run_builds(commands, *, dry_run: bool) -> int:
   for argv, dockerfile in commands:
     if dockerfile is not None:
       print("# the generated Dockerfile (stdin of the next command):")
       print("".join(f"#| {line}\n" for line in dockerfile.splitlines()), end="")
-    common.echo(argv, dry_run=args.dry_run)
-    if args.dry_run:
+    common.echo(argv, dry_run=dry_run)
+    if dry_run:
       continue
     code = subprocess.run(argv, input=dockerfile, text=True, check=False).returncode
     if code:
       print(f"docker build failed with exit code {code}", file=sys.stderr)
       return code
-  if args.push:
-    return push_image(args)
-  print(f"# next: python -m launch image push --tag={args.tag}", flush=True)
   return 0
 
 
@@ -161,16 +167,37 @@ def push_argvs(args: argparse.Namespace) -> tuple[list[str], list[list[str]]]:
 
 def push_image(args: argparse.Namespace) -> int:
   """The `push` verb: pushes, then prints the digest that pins what was pushed."""
+  return push_and_pin(args)[0]
+
+
+def build_and_push(tag: str, project: str, accelerator: str, *,
+                   dry_run: bool) -> tuple[int, str]:
+  """`build --project=PROJECT --push` of `tag`: (exit code, the pushed digest reference).
+
+  For launchers that run what they built (`tpu-vm launch --build`); a dry run returns `tag`.
+  """
+  args = argparse.Namespace(tag=tag, accelerator=accelerator, project=project,
+                            base_image=None, jaxjob_dir=str(_JAXJOB_DIR), network=None,
+                            push=False, configure_docker=False, dry_run=dry_run,
+                            project_flag="--build")
+  commands = build_argvs(args)
+  push_argvs(args)  # Its checks, before the build.
+  code = _run_builds(commands, dry_run=dry_run)
+  return (code, tag) if code else push_and_pin(args)
+
+
+def push_and_pin(args: argparse.Namespace) -> tuple[int, str]:
+  """Pushes `args.tag`; (exit code, REGISTRY/PATH@sha256:DIGEST, or the tag on a dry run)."""
   notes, argvs = push_argvs(args)
   for note in notes:
     print(f"# {note}")
   for argv in argvs:
     code = common.run(argv, dry_run=args.dry_run)
     if code:
-      return code
+      return code, args.tag
   if args.dry_run:
     print("# then: the pushed digest, to pin as --image=REGISTRY/PATH@sha256:DIGEST")
-    return 0
+    return 0, args.tag
   inspect = ["docker", "image", "inspect", "--format={{json .RepoDigests}}", args.tag]
   proc = subprocess.run(inspect, capture_output=True, text=True, check=False)
   repository = args.tag.rsplit(":", 1)[0] if ":" in args.tag.rsplit("/", 1)[-1] else args.tag
@@ -178,6 +205,6 @@ def push_image(args: argparse.Namespace) -> int:
   if proc.returncode or not digests:
     print(f"pushed, but no digest of {repository} was found: {proc.stderr.strip()}",
           file=sys.stderr)
-    return 1
+    return 1, args.tag
   print(f"pushed: {digests[0]}  (pin it: --image={digests[0]})", flush=True)
-  return 0
+  return 0, digests[0]

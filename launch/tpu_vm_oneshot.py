@@ -1,5 +1,8 @@
 """`python -m launch tpu-vm launch`: one command from code to a finished run on Cloud TPU VMs.
 
+With `--build=DIR` it first builds the TPU trainer image with the user's project in DIR on top
+and pushes it to `--image` (`python -m launch image build --accelerator=tpu --project=DIR
+--push`), then runs the pushed digest.
 Creates the TPU VM (directly, or as a queued resource waited for until ACTIVE) unless one of that
 name exists, which is then reused; starts the trainer on every worker (`run`); follows every
 worker's log (`logs`, lines prefixed `[worker N]`); exits with the trainer's exit code (the first
@@ -19,6 +22,7 @@ import sys
 import time
 
 from launch import common
+from launch import image
 from launch import tpu_vm
 
 TIMED_OUT = 124  # Like timeout(1): --max-runtime ended the run.
@@ -58,6 +62,15 @@ def launch(args: argparse.Namespace) -> int:
                                                                "max_runtime": server_side}))
   _, (run,) = tpu_vm.run_argvs(args)
   _, (delete,) = tpu_vm.delete_argvs(args)
+  if args.build:
+    if not args.image:
+      raise common.UsageError("--build needs --image=REGISTRY/PATH:TAG, where the built image is"
+                              " pushed")
+    code, pinned = image.build_and_push(args.image, args.build, "tpu", dry_run=args.dry_run)
+    if code:
+      return code
+    args = argparse.Namespace(**{**vars(args), "image": pinned})
+    _, (run,) = tpu_vm.run_argvs(args)
   where = [f"--zone={args.zone}", f"--project={args.project}"]
   exists = [*tpu_vm.TPUS, "tpu-vm", "describe", args.name, *where, "--format=value(state)"]
   queued = [*tpu_vm.TPUS, "queued-resources", "describe", args.name, *where,
@@ -160,6 +173,9 @@ def add_parser(verbs, add_common) -> None:
                       help="end the run and delete the TPU after this (e.g. 6h; server-side too"
                            " with --flex-start)")
   parser.add_argument("--keep", action="store_true", help="do not delete the TPU VM at the end")
+  parser.add_argument("--build", metavar="DIR",
+                      help="first build the TPU image with the project in DIR on top, push it to"
+                           " --image and run the pushed digest (see `launch image build`)")
   parser.add_argument("--poll-seconds", type=float, default=30.0,
                       help="queued: seconds between state checks (default: %(default)s)")
   tpu_vm.add_run_flags(parser)

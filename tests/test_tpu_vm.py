@@ -25,7 +25,7 @@ from unittest import mock
 import pytest
 
 from launch import __main__ as launch_main
-from launch import common, tpu_vm, tpu_vm_oneshot
+from launch import common, image, tpu_vm, tpu_vm_oneshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden" / "tpu_vm"
@@ -101,6 +101,7 @@ def cli(argv, capsys, user="alice"):
   with mock.patch.object(common, "subprocess", _NoSubprocess()), \
        mock.patch.object(tpu_vm, "subprocess", _NoSubprocess()), \
        mock.patch.object(tpu_vm_oneshot, "subprocess", _NoSubprocess()), \
+       mock.patch.object(image, "subprocess", _NoSubprocess()), \
        mock.patch.dict(os.environ, {"USER": user}):
     return _cli(argv, capsys)
 
@@ -621,3 +622,77 @@ def test_launch_waits_for_the_queued_resource(states, code, expected_last, fake_
   verbs = _verbs(calls())
   assert verbs.count("queued-resources describe") == len(states.split())
   assert verbs[-1] == expected_last
+
+
+# `launch --build=DIR`: from the user's source to a finished run in one command.
+
+_TAG = "us-docker.pkg.dev/my-project/jaxjob/digits:v1"
+_DIGEST = "us-docker.pkg.dev/my-project/jaxjob/digits@sha256:" + "ab" * 32
+_FAKE_DOCKER = f"""#!{sys.executable}
+import json, os, pathlib, sys
+state = pathlib.Path(os.environ["FAKE_GCLOUD_DIR"])
+with open(state / "docker.jsonl", "a") as f:
+  f.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:3] == ["image", "inspect"]:
+  print(json.dumps(["{_DIGEST}"]))
+"""
+
+
+def _build_argv(project):
+  argv = INVOCATIONS["launch_v4_image"]
+  split = argv.index("--")
+  flags = [a for a in argv[:split] if not a.startswith("--image=")]
+  return flags + [f"--build={project}", f"--image={_TAG}"] + argv[split:]
+
+
+def _project(tmp_path):
+  project = tmp_path / "mypkg"
+  project.mkdir()
+  (project / "pyproject.toml").write_text('[project]\nname = "mypkg"\nversion = "0.1"\n')
+  return project
+
+
+def test_launch_build_dry_run_builds_pushes_then_runs_the_image(tmp_path, capsys):
+  code, out, err = cli(with_dry_run(_build_argv(_project(tmp_path))), capsys)
+  assert (code, err) == (0, ""), err
+  commands = printed_commands(out)
+  docker = [argv for argv in commands if argv[0] == "docker"]
+  assert [argv[:2] for argv in commands[:3]] == [["docker", "build"]] * 2 + [["docker", "push"]]
+  assert "--build-arg=ACCELERATOR=tpu" in docker[0] and docker[1][-1] == str(tmp_path / "mypkg")
+  assert docker[2] == ["docker", "push", _TAG] and len(docker) == 3
+  assert all(argv[0] == "gcloud" for argv in commands[3:])
+  assert f"sudo docker pull {_TAG}" in out
+
+
+def test_launch_build_runs_the_pushed_digest(fake_gcloud, tmp_path, capsys):
+  state, calls = fake_gcloud
+  bin_dir = pathlib.Path(os.environ["PATH"].split(":")[0])
+  (bin_dir / "docker").write_text(_FAKE_DOCKER)
+  (bin_dir / "docker").chmod(0o755)
+  code, out, err = _cli(_build_argv(_project(tmp_path)), capsys)
+  assert code == 0, out + err
+  docker = [json.loads(line) for line in (state / "docker.jsonl").read_text().splitlines()]
+  assert [argv[0] for argv in docker] == ["build", "build", "push", "image"]
+  # Built and pushed before the TPU VM is created, and the workers pull exactly the digest.
+  assert _verbs(calls())[:3] == ["tpu-vm describe", "tpu-vm create", "tpu-vm ssh --worker=all"]
+  script = next(a for line in (state / "calls.jsonl").read_text().splitlines()
+                for a in json.loads(line) if a.startswith("--command=") and "docker run" in a)
+  assert f"sudo docker pull {_DIGEST}" in script and _TAG not in script
+  assert "tpu-vm delete" in _verbs(calls())
+
+
+@pytest.mark.parametrize("replace, expected", [
+    ({"--image": None}, "--build needs --image=REGISTRY/PATH:TAG"),
+    ({"--build": "/nonexistent/project"}, "--build='/nonexistent/project'"),
+])
+def test_launch_build_bad_input_is_one_line(replace, expected, tmp_path, capsys):
+  argv = _build_argv(_project(tmp_path))
+  for flag, value in replace.items():
+    argv = [a for a in argv if not a.startswith(flag + "=")]
+    if value is not None:
+      argv.insert(1, f"{flag}={value}")
+  if "--image" in replace:
+    argv.insert(1, "--pip-spec=jaxjob[tpu]")
+  code, out, err = cli(with_dry_run(argv), capsys)
+  assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+  assert "$ " not in out  # nothing was run or shown as run
