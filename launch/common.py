@@ -73,11 +73,12 @@ def validate_gcs_url(value: str, what: str = "--workdir") -> str:
   return value
 
 
-def trainer_args(remainder: Sequence[str]) -> list[str]:
+def trainer_args(remainder: Sequence[str], *, workdir_in_flags: bool = False) -> list[str]:
   """Returns the trainer flags from argparse's REMAINDER (`-- FLAG ...`). Raises UsageError.
 
   Every flag must come after `--`; control characters (a newline could end a remote script's
-  here-document or a log line) and a second `--workdir` are refused.
+  here-document or a log line) are refused, and so is `--workdir` there unless
+  `workdir_in_flags` (`launch local`, which has no --workdir of its own).
   """
   remainder = list(remainder)
   if remainder and remainder[0] != "--":
@@ -85,7 +86,7 @@ def trainer_args(remainder: Sequence[str]) -> list[str]:
   for arg in remainder[1:]:
     if _CONTROL.search(arg):
       raise UsageError(f"trainer flag {arg!r}: control characters (newlines, tabs) are refused")
-    if arg.split("=")[0] in ("--workdir", "-workdir"):
+    if not workdir_in_flags and arg.split("=")[0] in ("--workdir", "-workdir"):
       raise UsageError(f"{arg!r}: pass the run directory once, as the launcher's --workdir")
   return remainder[1:]
 

@@ -106,9 +106,7 @@ class _Job:
 def _run(args) -> int:
   if args.processes < 1 or args.devices_per_process < 1:
     raise common.UsageError("--processes and --devices-per-process must be at least 1")
-  trainer_args = list(args.trainer_args)
-  if trainer_args[:1] == ["--"]:
-    trainer_args = trainer_args[1:]
+  trainer_args = common.trainer_args(args.trainer_args, workdir_in_flags=True)
   argv = [sys.executable, "-m", "trainer", *trainer_args]
   port = args.port or _free_port()
   envs = [process_env(r, args.processes, args.devices_per_process, port)

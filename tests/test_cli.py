@@ -1,10 +1,12 @@
 """`python -m trainer` as a user runs it: the main job, and bad input ending in exit 2."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import DATA_DIR, run_trainer
+from tests.conftest import DATA_DIR, ROOT, run_trainer
 
 
 def test_main_job_defaults_to_a_run_directory_under_runs(tmp_path):
@@ -49,3 +51,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
   assert len(lines) == 1, proc.stderr
   assert expected in lines[0]
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("trainer_flags, expected", [
+    (["--config.train.steps=5"], "unrecognized arguments: --config.train.steps=5"),
+    (["--", "--config.name=a\nb"], "control characters"),
+])
+def test_launch_local_checks_trainer_flags_like_every_launcher(trainer_flags, expected):
+  proc = subprocess.run([sys.executable, "-m", "launch", "local", "--dry-run", *trainer_flags],
+                        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
