@@ -85,11 +85,16 @@ def launch(args: argparse.Namespace) -> int:
     signal.alarm(tpu_vm.seconds(args.max_runtime))
   try:
     common.echo(exists, dry_run=False)
-    if subprocess.run(exists, capture_output=True, text=True, check=False).returncode == 0:
+    found = subprocess.run(exists, capture_output=True, text=True, check=False)
+    if found.returncode == 0:
       print(f"# {args.name} exists: reused, and kept at the end", flush=True)
+    elif "NOT_FOUND" not in found.stderr + found.stdout:
+      # Auth, network or quota: whether it exists is unknown, so nothing is created (or deleted).
+      print(f"cannot tell whether {args.name} exists: {found.stderr.strip()}", file=sys.stderr)
+      return found.returncode
     else:
-      created = True
       rc = common.run(create, dry_run=False)
+      created = rc == 0  # A failed create may be a name taken meanwhile: never delete that.
       if rc or (args.queued and not _wait_active(queued, args.poll_seconds)):
         return rc or 1
     rc = tpu_vm.run_shown(run, dry_run=False)

@@ -511,9 +511,13 @@ def read(name, default):
   path = state / name
   return path.read_text() if path.exists() else default
 if verb[2:4] == ["tpu-vm", "describe"] and "--format=value(state)" in argv:
+  if (state / "describe_error").exists():
+    sys.exit(read("describe_error", ""))
   if not (state / "exists").exists():
     sys.exit("ERROR: NOT_FOUND")
   print("READY")
+elif verb[2:4] == ["tpu-vm", "create"]:
+  sys.exit(int(read("create_rc", "0")))
 elif verb[2:4] == ["tpu-vm", "describe"]:
   print("10.0.0.1\\n10.0.0.2")
 elif verb[2:4] == ["queued-resources", "describe"]:
@@ -594,6 +598,21 @@ def test_launch_deletes_after_a_failed_start_unless_kept(extra, deleted, fake_gc
   assert code == 255
   assert ("tpu-vm delete" in _verbs(calls())) == deleted
   assert ("lists what is left running" in out) == (not deleted)
+
+
+def test_launch_never_deletes_what_it_did_not_create(fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "create_rc").write_text("1")  # e.g. the name was taken meanwhile
+  code, _, _ = _launch(capsys)
+  assert code == 1 and _verbs(calls()) == ["tpu-vm describe", "tpu-vm create"]
+
+
+def test_launch_stops_when_it_cannot_tell_whether_the_vm_exists(fake_gcloud, capsys):
+  state, calls = fake_gcloud
+  (state / "describe_error").write_text("ERROR: PERMISSION_DENIED")
+  code, _, err = _launch(capsys)
+  assert code == 1 and "cannot tell whether demo-v4 exists" in err
+  assert _verbs(calls()) == ["tpu-vm describe"]  # nothing created, nothing deleted
 
 
 def test_launch_max_runtime_holds_without_flex_start(fake_gcloud, capsys):
