@@ -324,3 +324,32 @@ def test_sigterm_single_process_before_first_step_and_during_eval(tmp_path):
     proc = _single_process(workdir)
     assert proc.wait(timeout=120) == 0
     assert _sha(workdir) == _sha(reference)
+
+
+def test_a_failing_close_does_not_hide_why_the_run_ended(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXJOB_FAULTS", "nan@12")
+
+  close = checkpoint.Checkpointer.close
+
+  def failing_close(self):
+    close(self)
+    raise OSError("the disk went away while closing")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "close", failing_close)
+  with pytest.raises(Diverged):  # not the OSError of the close after it
+    train.train_and_evaluate(tiny_config("breast_cancer.py", train__steps=40),
+                             str(tmp_path / "run"))
+  (start,) = json.loads((tmp_path / "run" / "run.json").read_text())["starts"]
+  assert start["exit"]["code"] == 3
+
+
+def test_a_failure_after_the_last_step_is_recorded(tmp_path, monkeypatch):
+  def failing_finish(*args):
+    raise RuntimeError("the report could not be written")
+
+  monkeypatch.setattr(train, "_finish", failing_finish)
+  with pytest.raises(RuntimeError):
+    train.train_and_evaluate(tiny_config("breast_cancer.py", train__steps=20),
+                             str(tmp_path / "run"))
+  (start,) = json.loads((tmp_path / "run" / "run.json").read_text())["starts"]
+  assert start["exit"]["code"] == 1 and "report could not be written" in start["exit"]["reason"]

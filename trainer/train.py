@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from typing import Any
 
@@ -298,22 +299,35 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
   own_watcher = watcher is None
   watcher = preemption.Watcher() if own_watcher else watcher
   loop = Loop(job, ckpt, reporter, hooks=job.hooks)
+  failed = False
   try:
     state = loop.run(job.step_fn, strategy.to_device(state), start_step, watcher)
     ckpt.close()  # A failed last save is recorded in run.json like any other failure.
+    summary = _finish(job, state, reporter, loop, time.time() - start_time)
   except BaseException as e:
+    failed = True
     record.finish(getattr(e, "exit_code", 1), f"{type(e).__name__}: {e}")
     raise
   finally:
-    loop.watchdog.close()
-    ckpt.close()
-    reporter.close()
-    if own_watcher:
-      watcher.close()
-
-  summary = _finish(job, state, reporter, loop, time.time() - start_time)
+    closers = [loop.watchdog.close, ckpt.close, reporter.close]
+    _close_all(closers + ([watcher.close] if own_watcher else []), reraise=not failed)
   record.finish(0, "completed")
   return summary
+
+
+def _close_all(closers, *, reraise: bool) -> None:
+  """Calls every closer. Their first error is raised after all ran, unless the run already
+  failed: then the run's own error (its exit code and run.json reason) is the one that counts."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      first = first or e
+  if first is not None and reraise:
+    raise first
+  if first is not None:
+    logging.getLogger(__name__).warning("after the failed run, closing also failed: %s", first)
 
 
 def _finish(job, state, reporter, loop, wall_time):
