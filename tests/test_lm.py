@@ -2,13 +2,15 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import run_trainer, tiny_config
+from tests.conftest import ROOT, run_trainer, tiny_config
 from trainer import data
 from trainer import models
 from trainer import train
@@ -181,3 +183,11 @@ def test_lm_tiny_config_runs_from_the_command_line(tmp_path):
   assert "perplexity" in proc.stdout
   summary = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert summary["strategy"] == "pmap" and summary["eval"]["loss"] < math.log(256) - 1.0
+  # Prediction labels CSV rows: a language model run is refused with one line.
+  rows = tmp_path / "rows.csv"
+  rows.write_text("a,b\n1,2\n")
+  proc = subprocess.run([sys.executable, "-m", "trainer.predict", f"--workdir={tmp_path / 'run'}",
+                         f"--input={rows}", f"--output={tmp_path / 'out.csv'}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2 and "a lm run without feature columns" in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()

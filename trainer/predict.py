@@ -103,6 +103,10 @@ def main(argv):
   from trainer.data import tabular  # pylint: disable=g-import-not-at-top
   try:
     config, stats, variables = load_run(_WORKDIR.value)
+    task, _ = task_of(config, stats)
+    if not stats.get("features") and not stats.get("preprocess"):
+      raise errors.UserError(f"--workdir={_WORKDIR.value}: a {task.name} run without feature"
+                             " columns; prediction labels CSV rows of a tabular run")
     passthrough = [_ID_COLUMN.value] + ([config.data.label_column]
                                         if "label_column" in config.data else [])
     passthrough += [stats["target"]["name"]] if stats.get("target", {}).get("name") else []
@@ -110,11 +114,10 @@ def main(argv):
     frame, extra = csv_source.read_features(_INPUT.value, prep.columns, passthrough)
     x = prep.read_rows(_INPUT.value, frame)
     outputs = predict(config, stats, variables, x)
-    task, _ = task_of(config, stats)
+    columns = task.predict_columns(outputs, stats)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  columns = task.predict_columns(outputs, stats)
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")  # class names may hold commas or quotes
   id_values = extra.get(_ID_COLUMN.value)

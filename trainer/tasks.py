@@ -20,6 +20,7 @@ import optax
 from trainer import parallel
 from trainer import registry
 from trainer import storage
+from trainer.errors import UserError
 
 
 class Task:
@@ -95,6 +96,9 @@ class Classification(Task):
   name = "classification"
 
   def num_outputs(self, dataset) -> int:
+    if dataset.num_classes < 2:
+      raise UserError(f"task classification: the data set has {dataset.num_classes} class(es);"
+                      " expected at least 2 (a numeric target is config.task=regression)")
     return 1 if dataset.num_classes == 2 else dataset.num_classes
 
   def loss(self, outputs, batch):
@@ -142,6 +146,10 @@ class LanguageModel(Task):
   """Next-token prediction: y is x shifted by one; `[B, T, vocab]` logits."""
 
   name = "lm"
+
+  def predict_columns(self, outputs, stats):
+    raise UserError("python -m trainer.predict labels CSV rows; a language model run (task lm)"
+                    " has no such output: expected a classification or regression run")
 
   def loss(self, outputs, batch):
     loss = loss_per_example(outputs, batch["y"]).mean()
@@ -198,6 +206,9 @@ class Regression(Task):
   history_metric = "mae"
 
   def num_outputs(self, dataset) -> int:
+    if dataset.num_classes:
+      raise UserError(f"task regression: the data set's labels are {dataset.num_classes} classes;"
+                      " expected a numeric target (a CSV's: config.data.task=regression)")
     return 1
 
   def loss(self, outputs, batch):

@@ -13,6 +13,7 @@ and the accuracy against scikit-learn: README, "Your own CSV". About 25 s on 2 C
 cores for scikit-learn's wine table (178 rows).
 """
 
+from trainer import models
 from trainer.configs import base
 
 
@@ -24,7 +25,7 @@ def get_config():
   config.data.label_column = ""  # Required: the column to predict.
   config.data.classes = ""
   config.data.task = "classification"
-  config.model.name = "logreg"
+  config.model = models.config("logreg")
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 0.05
   config.optimizer.schedule = "cosine"
