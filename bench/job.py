@@ -14,7 +14,6 @@ saved, and the checkpoint workload saves on the cadence only.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 

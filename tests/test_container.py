@@ -20,7 +20,6 @@ No engine here and JAXJOB_SKIP_CONTAINER_TESTS=1: skipped; no engine without it:
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time

@@ -16,7 +16,6 @@ replayed with docker:
 docs/gke.md ("Two restart policies") and docs/container.md ("Gang restarts") record the outcome.
 """
 
-import subprocess
 import time
 
 import pytest
