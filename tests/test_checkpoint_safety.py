@@ -259,3 +259,32 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_last_step(tmp_path):
     assert not (workdir / lease.NAME).exists()
   finally:
     subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_launch_waits_for_a_lease_to_go_stale_then_takes_it_over(tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  # Goes stale 2 s from now: a launch told to wait 30 s takes it over then, not before.
+  _write_lease(workdir, renewed=time.time() - lease.STALE_AFTER_S + 2)
+  monkeypatch.setenv("JAXJOB_LEASE_WAIT_S", "30")
+  writer, start = lease.Lease(), time.monotonic()
+  writer.acquire(str(workdir))
+  try:
+    assert 1.5 < time.monotonic() - start < 25
+    assert "not renewed for" in writer.takeover["taken_over_because"]
+  finally:
+    writer.release()
+  # A fresh lease is still refused once the wait is over.
+  _write_lease(workdir)
+  monkeypatch.setenv("JAXJOB_LEASE_WAIT_S", "1")
+  start = time.monotonic()
+  with pytest.raises(UserError, match="is in use"):
+    lease.Lease().acquire(str(workdir))
+  assert time.monotonic() - start >= 1
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "inf"])
+def test_a_bad_lease_wait_is_one_line(value, tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXJOB_LEASE_WAIT_S", value)
+  with pytest.raises(UserError, match=r"JAXJOB_LEASE_WAIT_S=.*expected a number of seconds >= 0"):
+    lease.Lease().acquire(str(tmp_path))

@@ -92,7 +92,7 @@ class Lease:
 
   def _take(self, workdir: str) -> None:
     store = _GcsStore(workdir) if storage.is_remote(workdir) else _LocalStore(workdir)
-    deadline = time.monotonic() + float(os.environ.get("JAXJOB_LEASE_WAIT_S", "0") or 0)
+    deadline = time.monotonic() + _wait_seconds()
     while True:
       current, token = store.read()
       why = _why_free(current)
@@ -169,6 +169,18 @@ def _why_free(current: dict | None) -> str | None:
     if pid == os.getpid() or _process_start(pid) != current.get("pid_start"):
       return f"its process {pid} on this host no longer runs"
   return None
+
+
+def _wait_seconds() -> float:
+  """`JAXJOB_LEASE_WAIT_S`: seconds to wait for a fresh lease to be released or go stale."""
+  value = os.environ.get("JAXJOB_LEASE_WAIT_S", "") or "0"
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1.0
+  if not 0 <= seconds < float("inf"):
+    raise UserError(f"JAXJOB_LEASE_WAIT_S={value!r}: expected a number of seconds >= 0")
+  return seconds
 
 
 def _process_start(pid) -> int | None:
