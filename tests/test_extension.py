@@ -316,11 +316,11 @@ def test_example_dockerfile_lints_clean_and_extends_the_jaxjob_image():
   assert "PYTHONPATH=/app" in (ROOT / "Dockerfile").read_text()
 
 
-def test_batch_statistics_cover_every_device_under_both_strategies():
+def test_batch_statistics_cover_every_device_under_every_strategy():
   from trainer import report  # pylint: disable=g-import-not-at-top
   from trainer.loop import Loop  # pylint: disable=g-import-not-at-top
   means = {}
-  for strategy in ("sharding", "pmap"):
+  for strategy in ("sharding", "pmap", "shard_map"):
     config = tiny_config(parallel__strategy=strategy, optimizer__schedule="constant")
     job = train.build(config, model=NoisyNormNet(10))
     state = job.strategy.to_device(job.state)
@@ -334,6 +334,7 @@ def test_batch_statistics_cover_every_device_under_both_strategies():
   assert np.abs(means["sharding"]).max() > 1e-3  # the statistics moved
   # The mean of 8 per-device batch means is the global batch mean.
   np.testing.assert_allclose(means["pmap"], means["sharding"], atol=1e-6)
+  np.testing.assert_allclose(means["shard_map"], means["sharding"], atol=1e-6)
 
 
 class _Rows:

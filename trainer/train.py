@@ -262,7 +262,8 @@ def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
   """Runs a built job in `workdir` (resuming its newest committed checkpoint).
 
   The run holds the workdir's lease (`trainer/lease.py`) from before its first write to
-  its end, whatever the end: a second run of the same workdir meanwhile is refused.
+  its end, whatever the end: a second run of the same workdir meanwhile is refused. A job
+  runs once: its first step donates `job.state` to the compiled step; `build` another.
   """
   writer = lease.Lease()
   try:
