@@ -95,7 +95,10 @@ class _OrbaxErrors(std_logging.Filter):
     self.held: list[std_logging.LogRecord] = []
 
   def filter(self, record):
-    if record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname:
+    # asyncio's "exception was never retrieved" for a failed write of the same save comes
+    # from its event loop whenever that future is garbage-collected: the same failure again.
+    if record.levelno >= std_logging.ERROR and ("/orbax/" in record.pathname
+                                                or record.name == "asyncio"):
       self.held.append(record)
       return False
     return True
@@ -161,6 +164,7 @@ def main(argv, config_flag, workdir_flag, allow_flag):
   orbax_errors = _OrbaxErrors()
   if not verbose:
     std_logging.getLogger("absl").addFilter(orbax_errors)
+    std_logging.getLogger("asyncio").addFilter(orbax_errors)
     _drop_abandoned_writes()
   try:
     config = config_flag.value
