@@ -187,11 +187,7 @@ def _find_kind(args: argparse.Namespace) -> None:
 
 
 def _delete_verb(args: argparse.Namespace) -> int:
-  try:
-    _find_kind(_check(args))
-  except _KubectlFailed as e:
-    return e.returncode
-  return _delete(args)
+  return _on_found(args, _delete)
 
 
 def _delete(args: argparse.Namespace) -> int:
@@ -214,19 +210,20 @@ class _KubectlFailed(Exception):
 
 
 def _status_verb(args: argparse.Namespace) -> int:
-  try:
-    _find_kind(_check(args))
-    return _status(args, echo=True)
-  except _KubectlFailed as e:
-    return e.returncode
+  return _on_found(args, lambda found: _status(found, echo=True))
 
 
 def _wait_verb(args: argparse.Namespace) -> int:
+  return _on_found(args, _wait)
+
+
+def _on_found(args: argparse.Namespace, verb) -> int:
+  """Runs `verb(args)` once the job's kind is known; kubectl's exit code when it is not."""
   try:
     _find_kind(_check(args))
+    return verb(args)
   except _KubectlFailed as e:
     return e.returncode
-  return _wait(args)
 
 
 def _wait(args: argparse.Namespace) -> int:

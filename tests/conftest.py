@@ -53,3 +53,12 @@ def mobile_price_csv():
   path = DATA_DIR / "train.csv"
   assert path.exists(), f"shared data missing: {path} (set JAXJOB_DATA_DIR)"
   return path
+
+
+def check_golden(path: pathlib.Path, text: str) -> None:
+  """Compares `text` with the golden file `path`; JAXJOB_UPDATE_GOLDENS=1 rewrites it first."""
+  if os.environ.get("JAXJOB_UPDATE_GOLDENS") == "1":
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+  assert path.exists(), f"missing {path}: run with JAXJOB_UPDATE_GOLDENS=1"
+  assert text == path.read_text(), f"{path} differs: rerun with JAXJOB_UPDATE_GOLDENS=1 and review"

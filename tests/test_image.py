@@ -20,10 +20,9 @@ import pytest
 from launch import image as image_launcher
 from launch import local
 from tests import container
-from tests.conftest import ROOT
+from tests.conftest import ROOT, check_golden
 
 GOLDEN_DIR = ROOT / "tests" / "golden" / "image"
-UPDATE = os.environ.get("JAXJOB_UPDATE_GOLDENS") == "1"
 AR = "us-docker.pkg.dev/my-project/jaxjob"
 INVOCATIONS = {
     "build_cpu": ["build", f"--tag={AR}/jaxjob:cpu", "--jaxjob-dir=jaxjob"],
@@ -94,12 +93,7 @@ def dry_run_text(name, capsys):
 @pytest.mark.parametrize("name", sorted(INVOCATIONS))
 def test_dry_run_matches_golden(name, workspace, capsys):
   text = dry_run_text(name, capsys)
-  path = GOLDEN_DIR / f"{name}.txt"
-  if UPDATE:
-    GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-  assert path.exists(), f"missing {path}: run with JAXJOB_UPDATE_GOLDENS=1"
-  assert text == path.read_text(), f"{path} differs: run with JAXJOB_UPDATE_GOLDENS=1"
+  check_golden(GOLDEN_DIR / f"{name}.txt", text)
 
 
 def test_no_stale_goldens():

@@ -28,6 +28,7 @@ import yaml
 
 from launch import __main__ as launch_main
 from launch import k8s, k8s_render
+from tests.conftest import check_golden
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden" / "k8s"
@@ -115,12 +116,7 @@ def test_dry_run_matches_golden(name, capsys, monkeypatch):
   monkeypatch.setattr(subprocess, "Popen", _no_subprocess)
   code, out, err = launch(_with_dry_run(INVOCATIONS[name]), capsys)
   assert (code, err) == (0, "")
-  golden = GOLDEN_DIR / f"{name}.txt"
-  if os.environ.get("JAXJOB_UPDATE_GOLDENS") == "1":
-    golden.parent.mkdir(parents=True, exist_ok=True)
-    golden.write_text(out)
-  assert golden.exists(), f"missing {golden}: run with JAXJOB_UPDATE_GOLDENS=1"
-  assert out == golden.read_text(), f"{name}: rerun with JAXJOB_UPDATE_GOLDENS=1 and review"
+  check_golden(GOLDEN_DIR / f"{name}.txt", out)
 
 
 def test_no_stale_goldens():

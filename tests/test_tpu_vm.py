@@ -26,11 +26,11 @@ import pytest
 
 from launch import __main__ as launch_main
 from launch import common, image, tpu_vm, tpu_vm_oneshot
+from tests.conftest import check_golden
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN_DIR = ROOT / "tests" / "golden" / "tpu_vm"
 DOCS = ROOT / "docs" / "tpu-vm.md"
-UPDATE = os.environ.get("JAXJOB_UPDATE_GOLDENS") == "1"
 
 _V4 = ["--name=demo-v4", "--zone=us-central2-b", "--project=my-project"]
 _V6E = ["--name=demo-v6e", "--zone=us-east5-b", "--project=my-project"]
@@ -150,12 +150,7 @@ def printed_commands(text):
 @pytest.mark.parametrize("name", sorted(INVOCATIONS))
 def test_dry_run_matches_golden(name, capsys):
   text = dry_run_text(name, capsys)
-  path = GOLDEN_DIR / f"{name}.txt"
-  if UPDATE:
-    GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-  assert path.exists(), f"missing {path}: run with JAXJOB_UPDATE_GOLDENS=1"
-  assert text == path.read_text(), f"{path} differs: run with JAXJOB_UPDATE_GOLDENS=1"
+  check_golden(GOLDEN_DIR / f"{name}.txt", text)
 
 
 def test_no_stale_goldens():
