@@ -32,8 +32,14 @@ class Hook:
   def fires(self, done: int, last: int) -> bool:
     return (self.every > 0 and done % self.every == 0) or (self.at_end and done == last)
 
+  def ends_dispatch(self, done: int, last: int) -> bool:
+    """Whether a multi-step dispatch must end after step `done` (so that this hook sees
+    the state there, or acts before the next step). Default: where a state hook fires."""
+    return self.needs_state and self.fires(done, last)
+
   def before_step(self, loop, step: int, state) -> None:
-    """Before step `step` is dispatched."""
+    """Before step `step` is dispatched (for each step of a multi-step dispatch, all
+    before it is dispatched)."""
 
   def __call__(self, loop, done: int, state) -> None:
     """After step `done` (1-based count of finished steps)."""
@@ -94,6 +100,9 @@ class Profile(Hook):
 
   def __init__(self, steps, workdir):
     self._profiler = profiling.Profiler(steps, workdir)
+
+  def ends_dispatch(self, done, last):
+    return self._profiler.steps is not None and done in self._profiler.steps
 
   def before_step(self, loop, step, state):
     self._profiler.before_step(step, state)

@@ -1,10 +1,23 @@
-"""The step loop: dispatch step t, read step t-1's metrics, run the hooks that are due.
+"""The step loop: dispatch steps, read the previous dispatch's metrics, run due hooks.
 
-Reading step t-1's metrics right after dispatching step t keeps at most two steps in
-flight: the device never waits for the host, and XLA:CPU's in-process collectives are
-never flooded with queued steps (which deadlocks them on small machines). Logging,
-checkpoints, evaluation, profiling and a user's own actions are hooks (`hooks.py`);
-preemption and the non-finite policy are the loop's own, because they end it.
+A dispatch is one compiled call that runs K optimiser steps (`config.train.
+steps_per_dispatch`; 0 = auto, below). Reading dispatch d-1's metrics right after
+dispatching d keeps at most two dispatches in flight: the device never waits for the
+host, and XLA:CPU's in-process collectives are never flooded with queued steps (which
+deadlocks them on small machines). Logging, checkpoints, evaluation, profiling and a
+user's own actions are hooks (`hooks.py`); preemption and the non-finite policy are the
+loop's own, because they end it.
+
+Where the batches come from: when the training split is whole in host memory and small
+enough (`config.train.data_on_device`), it is put on every device once and each step
+gathers its rows there from indices in the same (seed, step) order (`data.
+steps_batch_indices`); otherwise each step's batch is read on the host and transferred.
+
+Every step boundary is still exact: a dispatch ends where a state hook fires (checkpoint,
+eval, a user's hook), at a profile boundary and at the last step; its K metric rows are
+read one by one (logging, the non-finite policy, the watchdog), and the preemption check
+runs after every dispatch. `auto` times a few single-step dispatches, then picks K so a
+dispatch lasts about `AUTO_TARGET_S` (every process uses process 0's measurement).
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ import logging
 import time
 
 import jax
+import numpy as np
 
 from trainer import data
 from trainer import faults
@@ -20,9 +34,14 @@ from trainer import hooks as hooks_lib
 from trainer import preemption
 from trainer import runinfo
 from trainer import watchdog
-from trainer.errors import Diverged, Preempted
+from trainer.errors import Diverged, Preempted, UserError
 
 log = logging.getLogger(__name__)
+
+AUTO_TARGET_S = 0.05  # auto: a dispatch lasts about this long
+AUTO_CAPACITY = 128  # auto with the split on the devices: the most steps per dispatch
+AUTO_HOST_MAX_STEP_S = 0.01  # auto, host-fed: longer steps keep one step per dispatch
+PROBE_DISPATCHES = 4  # auto: single-step dispatches before K is picked (the 1st compiles)
 
 
 class Loop:
@@ -49,6 +68,14 @@ class Loop:
     self._timed_steps = 0
     self._timed_seconds = 0.0
     self._last_time = None
+    self._dispatches = 0
+    self._prepared = False
+    self._probe: list[float] = []  # auto: seconds per step of the timed probe dispatches
+    self._steps_fn = None  # the multi-step function; None: one host-fed step per call
+    self._split = None  # the training split on the devices
+    self._capacity = 1
+    self.data_on_device = False
+    self.steps_per_dispatch = None
     self.watchdog = watchdog.Watchdog(self.config.train.watchdog_timeout)
     if inject_faults:
       faults.install(self)
@@ -68,28 +95,97 @@ class Loop:
       return self._batches(step)
     return self.strategy.batch(self.read_batch(step), self.config.train.batch_size)
 
+  def _split_on_device(self) -> dict | None:
+    """The training split to hold on the devices, or None (host-fed), by the config."""
+    cfg = self.config.train
+    split = self.dataset.in_memory_split()
+    host_reader = self.read_batch != self._read_batch  # wrapped (fault injection)
+    if cfg.data_on_device == "off" or self._batches is not None or host_reader:
+      return None
+    if split is None:
+      if cfg.data_on_device == "on":
+        raise UserError("config.train.data_on_device=on: this data set's training split is"
+                        " not in host memory (a random-access source or a token file);"
+                        " expected auto or off")
+      return None
+    if cfg.data_on_device == "auto":
+      nbytes = sum(a.nbytes for a in split.values())
+      limit = device_memory_bytes()
+      if nbytes > cfg.data_on_device_max_mb * 2**20 or (limit and nbytes > limit // 4):
+        return None
+    return split
+
+  def _prepare(self, step_fn) -> None:
+    """Picks how batches reach the step and the dispatch function (once per Loop)."""
+    if self._prepared:
+      return
+    self._prepared = True
+    k = self.config.train.steps_per_dispatch
+    self.data_on_device = self._split_on_device() is not None
+    if self.data_on_device:
+      self._split = self.job.device_split()
+      self._capacity = k or AUTO_CAPACITY
+      self._steps_fn = self.job.steps_fn(on_device=True)
+    elif k > 1:
+      self._capacity, self._steps_fn = k, self.job.steps_fn(on_device=False)
+    self.steps_per_dispatch = k or None  # None: auto, still probing
+
+  def _dispatch_length(self, step: int, last: int) -> int:
+    """Steps in the dispatch that starts at `step`: K, cut where a hook needs a boundary."""
+    limit = min(self.steps_per_dispatch or 1, last - step)
+    for n in range(1, limit):
+      if any(h.ends_dispatch(step + n, last) for h in self.hooks):
+        return n
+    return limit
+
+  def _dispatch(self, step_fn, state, step: int, n: int):
+    """Runs steps `step .. step+n-1` in one call; returns (state, metrics, stacked)."""
+    if self._steps_fn is None:
+      state, metrics = step_fn(state, self.batch(step))
+      return state, metrics, False
+    cfg = self.config
+    if self.data_on_device:
+      idx = data.steps_batch_indices(cfg.seed, step, n, cfg.train.batch_size,
+                                     self.dataset.num_train, jax.process_index(),
+                                     jax.process_count()).astype(np.int32)
+      local = {"i": _pad(idx, self._capacity)}
+      xs = self.strategy.steps_input(local, cfg.train.batch_size)["i"]
+    else:
+      local = [self.read_batch(step + i) for i in range(n)]
+      local = {k: _pad(np.stack([b[k] for b in local]), self._capacity) for k in local[0]}
+      xs = self.strategy.steps_input(local, cfg.train.batch_size)
+    state, metrics = self._steps_fn(state, xs, n, self._split)
+    return state, metrics, True
+
   def run(self, step_fn, state, start_step: int, watcher: preemption.Watcher):
     steps = self.config.train.steps
     self.start_step = start_step
+    self._prepare(step_fn)
     progress = runinfo.progress_bar(steps, start_step, enabled=self.reporter.active)
     with_state = [h for h in self.hooks if h.needs_state]
     pending = None
+    step = start_step
     try:
-      for step in range(start_step, steps):
-        for hook in self.hooks:
-          hook.before_step(self, step, state)
+      while step < steps:
+        n = self._dispatch_length(step, steps)
+        for s in range(step, step + n):
+          for hook in self.hooks:
+            hook.before_step(self, s, state)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):  # step marks in traces
-          state, metrics = step_fn(state, self.batch(step))
+          state, metrics, stacked = self._dispatch(step_fn, state, step, n)
         if pending is not None:
-          self._after_step(*pending)
-        pending = (step + 1, metrics)
-        done = step + 1
-        progress.update(1)
-        preempted = watcher.reached(done)
+          self._after_dispatch(*pending)
+        step += n
+        pending = (step, n, metrics, stacked)
+        progress.update(n)
+        self._dispatches += 1
+        # A counter every process advances alike, one per call (JAX's sync point needs it).
+        preempted = watcher.reached(start_step + self._dispatches)
+        done = step
         due = [h for h in with_state if h.fires(done, steps)]
         if not (preempted or due):
           continue
-        self._after_step(*pending)  # Never checkpoint a step whose metrics are unchecked.
+        self._after_dispatch(*pending)  # Never checkpoint a step whose metrics are unchecked.
         pending = None
         canonical = self.strategy.to_canonical(state)
         if preempted:
@@ -105,17 +201,45 @@ class Loop:
     progress.close()
     return self.strategy.to_canonical(state)
 
-  def _after_step(self, done: int, metrics) -> None:
-    """Reads one step's metrics (one step late), applies the non-finite policy, logs."""
-    values = self.strategy.read_metrics(metrics)
-    self.watchdog.beat(done)
+  def _after_dispatch(self, done: int, n: int, metrics, stacked: bool) -> None:
+    """Reads one dispatch's metric rows (one dispatch late); each row is one step."""
+    rows = (self.strategy.read_metric_rows(metrics, n) if stacked
+            else [self.strategy.read_metrics(metrics)])
     now = time.perf_counter()
-    if self._last_time is not None:  # The first step's time is mostly compilation.
-      self._timed_steps += 1
-      self._timed_seconds += now - self._last_time
-      steps, seconds = self.window
-      self.window = (steps + 1, seconds + now - self._last_time)
+    seconds = None
+    if self._last_time is not None:  # The first dispatch's time is mostly compilation.
+      seconds = now - self._last_time
+      self._timed_steps += n
+      self._timed_seconds += seconds
+      if self.steps_per_dispatch is None:
+        self._probe.append(seconds / n)
     self._last_time = now
+    for i, values in enumerate(rows):
+      self._after_step(done - n + 1 + i, values, None if seconds is None else seconds / n)
+    if self.steps_per_dispatch is None and len(self._probe) >= PROBE_DISPATCHES - 1:
+      self._choose_k(float(np.median(self._probe)), self.config.train.steps - done)
+
+  def _choose_k(self, step_s: float, steps_left: int) -> None:
+    """auto: K from the measured time per step (process 0's, so that all agree)."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      step_s = float(multihost_utils.broadcast_one_to_all(np.float32(step_s)))
+    k = max(1, int(AUTO_TARGET_S // max(step_s, 1e-9)))
+    if self.data_on_device:
+      k = min(k, self._capacity)
+    elif step_s > AUTO_HOST_MAX_STEP_S or steps_left < 4 * k:
+      k = 1  # a second compilation would cost more than it saves
+    else:
+      self._capacity, self._steps_fn = k, self.job.steps_fn(on_device=False)
+    self.steps_per_dispatch = k
+    log.info("steps per dispatch: %d (auto; %.3f ms per step measured)", k, step_s * 1e3)
+
+  def _after_step(self, done: int, values: dict, seconds: float | None) -> None:
+    """One step's metrics: the non-finite policy, the watchdog, the metric hooks."""
+    self.watchdog.beat(done)
+    if seconds is not None:
+      steps, total = self.window
+      self.window = (steps + 1, total + seconds)
     if values.pop("finite") < 1.0:
       self._on_nonfinite(done)
     else:
@@ -142,3 +266,19 @@ class Loop:
     if self._timed_seconds <= 0:
       return None
     return round(self._timed_steps * self.config.train.batch_size / self._timed_seconds, 1)
+
+
+def _pad(a: np.ndarray, rows: int) -> np.ndarray:
+  """`a` with zero rows appended along axis 0 up to `rows` (a fixed executable shape)."""
+  if a.shape[0] == rows:
+    return a
+  return np.concatenate([a, np.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)])
+
+
+def device_memory_bytes() -> int | None:
+  """This process's first device's memory limit, when the backend reports one."""
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return (stats or {}).get("bytes_limit")

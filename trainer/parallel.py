@@ -23,6 +23,14 @@ Three strategies share this interface and give the same results:
 The "canonical" state is the `sharding` layout (global `jax.Array`s with the rule's
 shardings). Checkpoints, evaluation and fingerprints use it, so every strategy shares
 them, and a checkpoint restores onto any other mesh shape.
+
+Several steps per dispatch (`compile_steps`): one compiled call runs up to `capacity`
+optimiser steps in a `lax.fori_loop` over stacked inputs, either K host-fed batches or,
+for a training split held on the devices (`put_split`, replicated on every device), K
+rows of example indices that each step gathers on device. The step inside the loop is
+the same `train_step`, so the parameters are bit-identical to one step per dispatch
+(`tests/test_dispatch.py`); the trip count is an argument, so one executable serves
+every chunk length up to its capacity.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -70,6 +79,30 @@ def state_spec(shape: tuple[int, ...], fsdp: int) -> P:
   return P(*[FSDP_AXIS if d == dim else None for d in range(len(shape))])
 
 
+def run_steps(step_fn, state, xs, n, data, constrain=lambda batch: batch):
+  """Runs the first `n` of the stacked steps `xs` (leading axis: the capacity).
+
+  `xs`: a batch dict with a leading step axis, or (when `data` holds the training split)
+  an int32 [capacity, B] array of row indices into it. Returns the state and every
+  metric stacked over the capacity (rows past `n` are zeros).
+  """
+  capacity = jax.tree.leaves(xs)[0].shape[0]
+
+  def batch_at(i):
+    x = jax.tree.map(lambda a: a[i], xs)
+    return constrain(jax.tree.map(lambda a: a[x], data) if data else x)
+
+  shapes = jax.eval_shape(step_fn, state, batch_at(0))[1]
+  rows = jax.tree.map(lambda s: jnp.zeros((capacity,) + s.shape, s.dtype), shapes)
+
+  def one(i, carry):
+    state, rows = carry
+    state, metrics = step_fn(state, batch_at(i))
+    return state, jax.tree.map(lambda r, m: r.at[i].set(m), rows, metrics)
+
+  return jax.lax.fori_loop(0, n, one, (state, rows))
+
+
 class DataParallel:
   """jit + NamedSharding over the (`data`, `fsdp`) mesh."""
 
@@ -87,6 +120,7 @@ class DataParallel:
     self.fsdp = fsdp
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self.steps_sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))  # [K, B, ...]
     self.state_shardings = None  # set by init_state
 
   @property
@@ -116,9 +150,31 @@ class DataParallel:
     return {k: jax.make_array_from_process_local_data(
         self.batch_sharding, v, (global_size,) + v.shape[1:]) for k, v in local.items()}
 
+  def steps_input(self, local: dict[str, np.ndarray], global_size: int) -> dict:
+    """`batch` for arrays with a leading step axis: [K, B_local, ...] -> [K, B, ...]."""
+    if jax.process_count() == 1:
+      return jax.device_put(local, self.steps_sharding)
+    return {k: jax.make_array_from_process_local_data(
+        self.steps_sharding, v, (v.shape[0], global_size) + v.shape[2:])
+            for k, v in local.items()}
+
+  def put_split(self, arrays: dict[str, np.ndarray]) -> dict:
+    """The whole training split on every device (each process passes all of it)."""
+    return {k: jax.make_array_from_process_local_data(self.replicated, v, v.shape)
+            for k, v in arrays.items()}
+
   def compile_step(self, step_fn):
     # Donating the state lets XLA update parameters in place.
     return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+
+  def compile_steps(self, step_fn, on_device: bool):
+    """(state, xs, n, data) -> (state, stacked metrics): `run_steps` compiled."""
+    constrain = lambda b: jax.lax.with_sharding_constraint(b, self.batch_sharding)
+    fn = functools.partial(run_steps, step_fn, constrain=constrain)
+    data = self.replicated if on_device else None
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.steps_sharding,
+                                     self.replicated, data),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
   def to_device(self, state):
@@ -130,6 +186,11 @@ class DataParallel:
   def read_metrics(self, metrics) -> dict[str, float]:
     # np.asarray per scalar is several times cheaper than jax.device_get of the dict.
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+  def read_metric_rows(self, metrics, n: int) -> list[dict[str, float]]:
+    """The first `n` rows of `compile_steps`' stacked metrics."""
+    columns = {k: np.asarray(v)[:n].tolist() for k, v in metrics.items()}
+    return [{k: float(c[i]) for k, c in columns.items()} for i in range(n)]
 
   def predict(self, apply_fn, params, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Logits for every row of `x` (the same on every process), sharded over devices.
@@ -185,6 +246,15 @@ class ShardMap(DataParallel):
     return jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
 
+  def compile_steps(self, step_fn, on_device: bool):
+    body = functools.partial(run_steps, functools.partial(step_fn, axis_name=BATCH_AXES))
+    data = P() if on_device else None
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(None, BATCH_AXES), P(), data),
+                       out_specs=P(), check_vma=False)
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.steps_sharding,
+                                     self.replicated, self.replicated if on_device else None),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+
 
 class Pmap(DataParallel):
   """jax.pmap over local devices; gradients averaged with an explicit lax.pmean."""
@@ -201,9 +271,25 @@ class Pmap(DataParallel):
     n = jax.local_device_count()
     return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in local.items()}
 
+  def steps_input(self, local, global_size):
+    n = jax.local_device_count()  # [K, B_local, ...] -> [devices, K, B_local / devices, ...]
+    return {k: v.reshape((v.shape[0], n, v.shape[1] // n) + v.shape[2:]).swapaxes(0, 1)
+            for k, v in local.items()}
+
+  def put_split(self, arrays):
+    n = jax.local_device_count()
+    return jax.pmap(lambda tree: tree)({k: np.broadcast_to(v, (n,) + v.shape)
+                                        for k, v in arrays.items()})
+
   def compile_step(self, step_fn):
     return jax.pmap(functools.partial(step_fn, axis_name=BATCH_AXES[0]),
                     axis_name=BATCH_AXES[0], donate_argnums=0)
+
+  def compile_steps(self, step_fn, on_device: bool):
+    del on_device  # the split, when given, is already one copy per device (put_split)
+    body = functools.partial(run_steps, functools.partial(step_fn, axis_name=BATCH_AXES[0]))
+    return jax.pmap(body, axis_name=BATCH_AXES[0], in_axes=(0, 0, None, 0),
+                    donate_argnums=0)
 
   def to_device(self, state):
     n = jax.local_device_count()
@@ -222,6 +308,9 @@ class Pmap(DataParallel):
 
   def read_metrics(self, metrics):
     return {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+
+  def read_metric_rows(self, metrics, n):
+    return DataParallel.read_metric_rows(self, {k: v[0] for k, v in metrics.items()}, n)
 
 
 def create(config) -> DataParallel:

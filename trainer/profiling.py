@@ -75,6 +75,11 @@ class Profiler:
     self._workdir = workdir
     self._local = None
 
+  @property
+  def steps(self) -> tuple[int, int] | None:
+    """(START, STOP) while a trace is still to be taken or finished, else None."""
+    return self._steps
+
   def before_step(self, step: int, state) -> None:
     if self._steps is None:
       return

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from trainer import checkpoint
+from trainer import compile_cache
 from trainer import data
 from trainer import distributed
 from trainer import lease
@@ -145,6 +146,16 @@ def _validate(config) -> None:
     value = config.train[key]
     if not isinstance(value, int) or value <= 0:
       raise UserError(f"config.train.{key}={value!r}: expected a positive integer")
+  value = config.train.steps_per_dispatch
+  if not isinstance(value, int) or value < 0:
+    raise UserError(f"config.train.steps_per_dispatch={value!r}: expected 0 (auto) or a"
+                    " positive integer")
+  if config.train.data_on_device not in ("auto", "on", "off"):
+    raise UserError(f"config.train.data_on_device={config.train.data_on_device!r}: expected"
+                    " auto, on or off")
+  if not config.train.data_on_device_max_mb > 0:
+    raise UserError(f"config.train.data_on_device_max_mb={config.train.data_on_device_max_mb}:"
+                    " expected a positive number of MiB")
   if config.train.nonfinite_policy not in ("stop", "skip"):
     raise UserError(f"config.train.nonfinite_policy={config.train.nonfinite_policy!r}:"
                     " expected stop or skip")
@@ -168,6 +179,21 @@ class Job:
   train_step: Any  # train_step with every keyword bound: (state, batch) -> (state, metrics)
   step_fn: Any  # train_step compiled by the strategy (donates the state)
   hooks: list = dataclasses.field(default_factory=list)
+  # Compiled multi-step functions and the split on the devices, made on first use.
+  cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def steps_fn(self, on_device: bool):
+    """`train_step` compiled to run several steps per call (`parallel.run_steps`)."""
+    key = ("steps", on_device)
+    if key not in self.cache:
+      self.cache[key] = self.strategy.compile_steps(self.train_step, on_device)
+    return self.cache[key]
+
+  def device_split(self) -> dict:
+    """The training split on every device (`strategy.put_split`), put there once."""
+    if "split" not in self.cache:
+      self.cache["split"] = self.strategy.put_split(self.dataset.in_memory_split())
+    return self.cache["split"]
 
   def eval_variables(self, state) -> dict:
     """{"params": eval params, **model_state}: what `Model.eval_apply` takes."""
@@ -203,6 +229,7 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
   `train_and_evaluate` does).
   """
   _validate(config)
+  compile_cache.enable()
   dataset = dataset if dataset is not None else data.load(config)
   task = tasks.resolve(config if task is None else {"task": task}, dataset)
   strategy = parallel.create(config)
@@ -352,6 +379,8 @@ def _finish(job, state, reporter, loop, wall_time):
       "wall_time_s": round(wall_time, 3),
       "examples_per_second": loop.examples_per_second(),
       "skipped_steps": loop.skipped_steps,
+      "steps_per_dispatch": loop.steps_per_dispatch,
+      "data_on_device": loop.data_on_device,
       "resumed_from_step": loop.start_step,
   }
   if state.model_state is not None:

@@ -71,6 +71,13 @@ class Dataset:
       return read_rows(self.train_source, indices)
     return {"x": self.train_x[indices], "y": self.train_y[indices]}
 
+  def in_memory_split(self) -> dict[str, np.ndarray] | None:
+    """{"x", "y"}: the training split when it is whole in host memory (what can be put
+    on the devices), else None (a random-access source, a token memory map)."""
+    if isinstance(self.train_x, np.ndarray) and isinstance(self.train_y, np.ndarray):
+      return {"x": self.train_x, "y": self.train_y}
+    return None
+
   def example_x(self) -> np.ndarray:
     """One training input with a batch axis: what a model is initialised on."""
     return self.train_batch(np.arange(1))["x"]
@@ -306,6 +313,24 @@ def global_batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.nd
   positions = np.arange(step * batch_size, (step + 1) * batch_size)
   epochs, offsets = np.divmod(positions, n)
   out = np.empty(batch_size, dtype=np.int64)
+  for epoch in np.unique(epochs):
+    mask = epochs == epoch
+    out[mask] = _epoch_permutation(seed, int(epoch), n)[offsets[mask]]
+  return out
+
+
+def steps_batch_indices(seed: int, start: int, steps: int, batch_size: int, n: int,
+                        process_index: int, process_count: int) -> np.ndarray:
+  """This process's slices of global batches `start .. start+steps-1`: [steps, B/P].
+
+  Row t equals `process_batch_indices(seed, start + t, ...)`, computed in one pass.
+  """
+  per_process = batch_size // process_count
+  positions = np.arange(start * batch_size, (start + steps) * batch_size).reshape(steps,
+                                                                                   batch_size)
+  positions = positions[:, process_index * per_process:(process_index + 1) * per_process]
+  epochs, offsets = np.divmod(positions, n)
+  out = np.empty(positions.shape, dtype=np.int64)
   for epoch in np.unique(epochs):
     mask = epochs == epoch
     out[mask] = _epoch_permutation(seed, int(epoch), n)[offsets[mask]]
