@@ -347,7 +347,7 @@ def test_a_failure_after_the_last_step_is_recorded(tmp_path, monkeypatch):
   def failing_finish(*args):
     raise RuntimeError("the report could not be written")
 
-  monkeypatch.setattr(train, "_finish", failing_finish)
+  monkeypatch.setattr(train, "_final_report", failing_finish)
   with pytest.raises(RuntimeError):
     train.train_and_evaluate(tiny_config("breast_cancer.py", train__steps=20),
                              str(tmp_path / "run"))

@@ -22,6 +22,8 @@ dispatch lasts about `AUTO_TARGET_S` (every process uses process 0's measurement
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import time
 
@@ -34,7 +36,7 @@ from trainer import hooks as hooks_lib
 from trainer import preemption
 from trainer import runinfo
 from trainer import watchdog
-from trainer.errors import Diverged, Preempted, UserError
+from trainer.errors import Diverged, Preempted
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class Loop:
     self._steps_fn = None  # the multi-step function; None: one host-fed step per call
     self._split = None  # the training split on the devices
     self._capacity = 1
+    self._prefetch = None
     self.data_on_device = False
     self.steps_per_dispatch = None
     self.watchdog = watchdog.Watchdog(self.config.train.watchdog_timeout)
@@ -100,14 +103,8 @@ class Loop:
     cfg = self.config.train
     split = self.dataset.in_memory_split()
     host_reader = self.read_batch != self._read_batch  # wrapped (fault injection)
-    if cfg.data_on_device == "off" or self._batches is not None or host_reader:
-      return None
-    if split is None:
-      if cfg.data_on_device == "on":
-        raise UserError("config.train.data_on_device=on: this data set's training split is"
-                        " not in host memory (a random-access source or a token file);"
-                        " expected auto or off")
-      return None
+    if cfg.data_on_device == "off" or split is None or self._batches is not None or host_reader:
+      return None  # (batches=: the caller feeds device batches, one step per dispatch)
     if cfg.data_on_device == "auto":
       nbytes = sum(a.nbytes for a in split.values())
       limit = device_memory_bytes()
@@ -129,6 +126,9 @@ class Loop:
     elif k > 1:
       self._capacity, self._steps_fn = k, self.job.steps_fn(on_device=False)
     self.steps_per_dispatch = k or None  # None: auto, still probing
+    depth = self.config.train.prefetch
+    if depth and not self.data_on_device and self._batches is None:
+      self._prefetch = Prefetcher(self._inputs, depth)
 
   def _dispatch_length(self, step: int, last: int) -> int:
     """Steps in the dispatch that starts at `step`: K, cut where a hook needs a boundary."""
@@ -138,24 +138,43 @@ class Loop:
         return n
     return limit
 
-  def _dispatch(self, step_fn, state, step: int, n: int):
-    """Runs steps `step .. step+n-1` in one call; returns (state, metrics, stacked)."""
-    if self._steps_fn is None:
-      state, metrics = step_fn(state, self.batch(step))
-      return state, metrics, False
+  def _inputs(self, step: int, n: int, stacked: bool):
+    """The device inputs of the dispatch of steps `step .. step+n-1`."""
+    if not stacked:
+      return self.batch(step)
     cfg = self.config
     if self.data_on_device:
       idx = data.steps_batch_indices(cfg.seed, step, n, cfg.train.batch_size,
                                      self.dataset.num_train, jax.process_index(),
                                      jax.process_count()).astype(np.int32)
-      local = {"i": _pad(idx, self._capacity)}
-      xs = self.strategy.steps_input(local, cfg.train.batch_size)["i"]
+      return self.strategy.steps_input({"i": _pad(idx, self._capacity)},
+                                       cfg.train.batch_size)["i"]
+    local = [self.read_batch(step + i) for i in range(n)]
+    local = {k: _pad(np.stack([b[k] for b in local]), self._capacity) for k in local[0]}
+    return self.strategy.steps_input(local, cfg.train.batch_size)
+
+  def _dispatch(self, step_fn, state, step: int, n: int):
+    """Runs steps `step .. step+n-1` in one call; returns (state, metrics, stacked)."""
+    stacked = self._steps_fn is not None
+    key = (step, n, stacked)
+    if self._prefetch is not None:
+      inputs = self._prefetch.get(key, self._upcoming(key))
     else:
-      local = [self.read_batch(step + i) for i in range(n)]
-      local = {k: _pad(np.stack([b[k] for b in local]), self._capacity) for k in local[0]}
-      xs = self.strategy.steps_input(local, cfg.train.batch_size)
-    state, metrics = self._steps_fn(state, xs, n, self._split)
-    return state, metrics, True
+      inputs = self._inputs(*key)
+    if not stacked:
+      return (*step_fn(state, inputs), False)
+    return (*self._steps_fn(state, inputs, n, self._split), True)
+
+  def _upcoming(self, key):
+    """The dispatches after `key` as planned now (prefetch builds them ahead)."""
+    step, n, stacked = key
+    last = self.config.train.steps
+    for _ in range(self._prefetch.depth):
+      step += n
+      if step >= last:
+        return
+      n = self._dispatch_length(step, last)
+      yield (step, n, stacked)
 
   def run(self, step_fn, state, start_step: int, watcher: preemption.Watcher):
     steps = self.config.train.steps
@@ -196,6 +215,8 @@ class Loop:
           hook(self, done, canonical)
         self.watchdog.beat(done)  # Saves and evals are progress too.
     finally:
+      if self._prefetch is not None:
+        self._prefetch.clear()
       for hook in self.hooks:
         hook.close(self)
     progress.close()
@@ -266,6 +287,46 @@ class Loop:
     if self._timed_seconds <= 0:
       return None
     return round(self._timed_steps * self.config.train.batch_size / self._timed_seconds, 1)
+
+
+class Prefetcher:
+  """Builds host-fed dispatch inputs ahead on one background thread (a bounded queue).
+
+  `get(key, upcoming)` returns the inputs for `key` (from the queue when they were
+  built ahead, else built now) and queues the next `depth` planned keys. A key planned
+  before a change of plan (auto's choice of K) is dropped unused.
+  """
+
+  def __init__(self, build, depth: int):
+    self.depth = depth
+    self._build = build
+    self._pool = None
+    self._queue: collections.deque = collections.deque()
+
+  def get(self, key, upcoming):
+    inputs = None
+    while self._queue:
+      queued, future = self._queue.popleft()
+      if queued == key:
+        inputs = future.result()
+        break
+    if inputs is None:
+      inputs = self._build(*key)
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxjob-prefetch")
+    for planned in upcoming:
+      if len(self._queue) >= self.depth:
+        break
+      if all(queued != planned for queued, _ in self._queue):
+        self._queue.append((planned, self._pool.submit(self._build, *planned)))
+    return inputs
+
+  def clear(self) -> None:
+    """Drops what was built ahead and stops the thread (the loop ended)."""
+    self._queue.clear()
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
 
 
 def _pad(a: np.ndarray, rows: int) -> np.ndarray:

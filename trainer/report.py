@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 
 import jax
 import numpy as np
@@ -76,10 +77,7 @@ class Reporter:
     if not self.active:
       return
     steps = [r["step"] for r in self.rows]
-    # matplotlib and scikit-learn load only when a report is written (~3 s of start-up).
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(steps, [r["loss"] for r in self.rows], label="train")
     ax_loss.set(xlabel="step", ylabel="loss", title="Loss history")
@@ -98,6 +96,23 @@ class Reporter:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     storage.write_bytes(storage.path(self.workdir) / "plots" / "history.png", buffer.getvalue())
+
+
+def _pyplot():
+  # matplotlib loads only where a plot is drawn (~1 s): `preload_plotting` starts it early.
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def preload_plotting() -> None:
+  """Imports matplotlib on a daemon thread, so the end of a run does not wait for it.
+
+  The import runs while the main thread waits on the devices (which releases the GIL);
+  `plot_history` then finds it done, or waits for it on Python's import lock.
+  """
+  threading.Thread(target=_pyplot, name="jaxjob-preload-matplotlib", daemon=True).start()
 
 
 def classification_report(labels: np.ndarray, preds: np.ndarray, class_names: list[str]):

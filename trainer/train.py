@@ -146,10 +146,11 @@ def _validate(config) -> None:
     value = config.train[key]
     if not isinstance(value, int) or value <= 0:
       raise UserError(f"config.train.{key}={value!r}: expected a positive integer")
-  value = config.train.steps_per_dispatch
-  if not isinstance(value, int) or value < 0:
-    raise UserError(f"config.train.steps_per_dispatch={value!r}: expected 0 (auto) or a"
-                    " positive integer")
+  for key, zero in (("steps_per_dispatch", "auto"), ("prefetch", "off")):
+    value = config.train[key]
+    if not isinstance(value, int) or value < 0:
+      raise UserError(f"config.train.{key}={value!r}: expected 0 ({zero}) or a positive"
+                      " integer")
   if config.train.data_on_device not in ("auto", "on", "off"):
     raise UserError(f"config.train.data_on_device={config.train.data_on_device!r}: expected"
                     " auto, on or off")
@@ -231,6 +232,10 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
   _validate(config)
   compile_cache.enable()
   dataset = dataset if dataset is not None else data.load(config)
+  if config.train.data_on_device == "on" and dataset.in_memory_split() is None:
+    raise UserError("config.train.data_on_device=on: this data set's training split is not"
+                    " in host memory (a random-access source or a token file); expected auto"
+                    " or off")
   task = tasks.resolve(config if task is None else {"task": task}, dataset)
   strategy = parallel.create(config)
   strategy.check_batch_size(config.train.batch_size)
@@ -327,11 +332,15 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
   own_watcher = watcher is None
   watcher = preemption.Watcher() if own_watcher else watcher
   loop = Loop(job, ckpt, reporter, hooks=job.hooks)
+  if reporter.active:
+    report.preload_plotting()  # imported in the background while the steps run
   failed = False
   try:
     state = loop.run(job.step_fn, strategy.to_device(state), start_step, watcher)
+    # The final evaluation, report and plot run while the last save commits.
+    metrics = _final_report(job, state, reporter, loop)
     ckpt.close()  # A failed last save is recorded in run.json like any other failure.
-    summary = _finish(job, state, reporter, loop, time.time() - start_time)
+    summary = _summary(job, state, reporter, loop, metrics, time.time() - start_time)
   except BaseException as e:
     failed = True
     record.finish(getattr(e, "exit_code", 1), f"{type(e).__name__}: {e}")
@@ -358,13 +367,20 @@ def _close_all(closers, *, reraise: bool) -> None:
     logging.getLogger(__name__).warning("after the failed run, closing also failed: %s", first)
 
 
-def _finish(job, state, reporter, loop, wall_time):
+def _final_report(job, state, reporter, loop) -> dict:
+  """The final evaluation: eval/report.*, eval/history.json and plots/history.png."""
   config = job.config
   metrics = job.task.report(job.strategy, job.model, job.eval_variables(state), job.dataset,
                             reporter)
   loop.eval_rows.append({"step": int(config.train.steps), **metrics})
   reporter.write_json("eval/history.json", loop.eval_rows)
   reporter.plot_history(loop.eval_rows, metric=job.task.history_metric)
+  return metrics
+
+
+def _summary(job, state, reporter, loop, metrics, wall_time) -> dict:
+  """summary.json and the `done:` line, once everything else is written and committed."""
+  config = job.config
   summary = {
       "config": config.name,
       "final_step": int(config.train.steps),

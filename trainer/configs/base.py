@@ -77,6 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # the split is in host memory and within data_on_device_max_mb) | on | off.
   config.train.data_on_device = "auto"
   config.train.data_on_device_max_mb = 1024  # auto's bound (also <= 1/4 of device memory)
+  # Host-fed data (token files, user sources, splits kept off the devices): dispatches
+  # whose batches one background thread builds and transfers ahead; 0 = off.
+  config.train.prefetch = 0
   config.train.watchdog_timeout = 600  # abort (exit 134) when no step ends for this long; 0 = off
 
   config.parallel = ml_collections.ConfigDict()
