@@ -99,20 +99,31 @@ class Reporter:
 
 
 def _pyplot():
-  # matplotlib loads only where a plot is drawn (~1 s): `preload_plotting` starts it early.
+  # matplotlib loads only where a plot is drawn (~1 s): `preload` starts it early.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
 
 
-def preload_plotting() -> None:
-  """Imports matplotlib on a daemon thread, so the end of a run does not wait for it.
+def preload(*imports) -> None:
+  """Runs the `imports` (callables) in order on a daemon thread.
 
-  The import runs while the main thread waits on the devices (which releases the GIL);
-  `plot_history` then finds it done, or waits for it on Python's import lock.
+  A run's writers, checkpointing and plot need modules that take seconds to import
+  (tensorboardX pulls in google-cloud-storage, Orbax, matplotlib); imported here, they
+  load while the main thread reads data, compiles and waits on the devices (which
+  releases the GIL). Whoever needs one first waits for it on Python's import lock.
   """
-  threading.Thread(target=_pyplot, name="jaxjob-preload-matplotlib", daemon=True).start()
+  def run():
+    for load in imports:
+      load()
+
+  threading.Thread(target=run, name="jaxjob-preload", daemon=True).start()
+
+
+def preload_for_process_0():
+  """The imports process 0's run needs beyond the other processes' (writers, plots)."""
+  return (writers_lib.preload_tensorboard, _pyplot)
 
 
 def classification_report(labels: np.ndarray, preds: np.ndarray, class_names: list[str]):

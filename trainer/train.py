@@ -282,6 +282,9 @@ def train_and_evaluate(config, workdir: str | None = None, allow_config_change: 
   if jax.process_count() > 1 and preemption.requested_before_start():
     raise Preempted("preempted during start-up, before any step: nothing new to save")
   watcher = preemption.Watcher()
+  # Modules the run needs later load in the background while data loads and compiles.
+  report.preload(checkpoint.import_orbax,
+                 *(report.preload_for_process_0() if jax.process_index() == 0 else ()))
   try:
     job = build(config, model=model, dataset=dataset, task=task, hooks=hooks)
     return run(job, workdir, allow_config_change, watcher=watcher, start_time=start_time)
@@ -332,8 +335,6 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
   own_watcher = watcher is None
   watcher = preemption.Watcher() if own_watcher else watcher
   loop = Loop(job, ckpt, reporter, hooks=job.hooks)
-  if reporter.active:
-    report.preload_plotting()  # imported in the background while the steps run
   failed = False
   try:
     state = loop.run(job.step_fn, strategy.to_device(state), start_step, watcher)
