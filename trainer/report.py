@@ -127,13 +127,73 @@ def preload_for_process_0():
 
 
 def classification_report(labels: np.ndarray, preds: np.ndarray, class_names: list[str]):
-  """scikit-learn's report as (text, dict): per-class precision, recall, F1, support."""
-  from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
-  kwargs = dict(labels=list(range(len(class_names))), target_names=class_names,
-                zero_division=0, digits=4)
-  text = sk_metrics.classification_report(labels, preds, **kwargs)
-  as_dict = sk_metrics.classification_report(labels, preds, output_dict=True, **kwargs)
+  """Per-class precision, recall, F1 and support, then accuracy, macro and weighted averages.
+
+  Returns (text, dict) laid out exactly as scikit-learn's `classification_report(...,
+  labels=range(K), target_names=class_names, zero_division=0, digits=4)`, which earlier
+  runs wrote to eval/report.txt and report.json, without importing it (1-2 s of start-up).
+  A ratio with a zero denominator (a class never predicted or never present) is 0.
+
+  Args:
+    labels: true class indices in [0, K), K = len(class_names); at least one.
+    preds: predicted class indices in [0, K), one per label.
+  """
+  k, n = len(class_names), len(labels)
+  labels, preds = np.asarray(labels), np.asarray(preds)
+  hits = np.bincount(labels[labels == preds], minlength=k)
+  support = np.bincount(labels, minlength=k)
+  predicted = np.bincount(preds, minlength=k)
+  precision = _ratio(hits, predicted)
+  recall = _ratio(hits, support)
+  f1 = _ratio(2.0 * hits, support + predicted)  # from counts: to the bit scikit-learn's value
+  # Averaged one 1-D array at a time: a reduction over an axis of a 2-D array adds in
+  # another order and can differ in the last bit.
+  averages = {"macro avg": [np.mean(m) for m in (precision, recall, f1)],
+              "weighted avg": [np.average(m, weights=support) for m in (precision, recall, f1)]}
+  scores = np.stack([precision, recall, f1], axis=1)  # [K, 3]
+  accuracy = float(_ratio(hits.sum(), n))
+  as_dict = {name: _report_entry(scores[i], support[i]) for i, name in enumerate(class_names)}
+  as_dict["accuracy"] = accuracy
+  as_dict.update({heading: _report_entry(avg, n) for heading, avg in averages.items()})
+  text = _report_text(class_names, scores, support, accuracy, averages, any_hit=hits.any())
   return text, as_dict
+
+
+def _report_text(class_names, scores, support, accuracy, averages, any_hit) -> str:
+  """The report as a table: a row per class, then accuracy and the averages."""
+  # With no right prediction at all, scikit-learn counts in floats and prints a support
+  # as "49.0"; kept, so that such a report reads as it always has.
+  count = int if any_hit else float
+  n = count(support.sum())
+  width = max([len(name) for name in class_names] + [len("weighted avg")])
+  lines = [f"{'':>{width}} " + "".join(f" {h:>9}" for h in _REPORT_HEADERS) + "\n\n"]
+  lines += [_report_row(width, name, scores[i], count(support[i]))
+            for i, name in enumerate(class_names)]
+  blank = " " * 20  # accuracy has no precision or recall cell, only the f1-score one
+  lines.append(f"\n{'accuracy':>{width}} {blank} {accuracy:>9.4f} {n:>9}\n")
+  lines += [_report_row(width, heading, avg, n) for heading, avg in averages.items()]
+  return "".join(lines)
+
+
+_REPORT_HEADERS = ("precision", "recall", "f1-score", "support")
+
+
+def _report_entry(scores, support) -> dict:
+  """One row of the report as JSON: precision, recall, f1-score and support, all floats."""
+  return dict(zip(_REPORT_HEADERS, [float(v) for v in (*scores, support)]))
+
+
+def _report_row(width: int, heading: str, scores, support: int | float) -> str:
+  """One row of the text table: 4 decimals per score, right-aligned in 9 characters."""
+  cells = "".join(f" {float(v):>9.4f}" for v in scores)
+  return f"{heading:>{width}} {cells} {support:>9}\n"
+
+
+def _ratio(numerator, denominator) -> np.ndarray:
+  """numerator / denominator as float64, 0 where the denominator is 0."""
+  numerator = np.asarray(numerator, dtype=np.float64)
+  out = np.zeros_like(numerator)
+  return np.divide(numerator, denominator, out=out, where=np.asarray(denominator) != 0)
 
 
 def _whole(leaf) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from trainer import registry
+from trainer.data import split
 from trainer.data import tabular
 from trainer.data import tfds_source
 from trainer.data import tokens
@@ -270,14 +271,13 @@ def _split(config, where, x, y, class_names, names, target_name: str | None = No
     if counts.min() < 2:
       raise UserError(f"{where}: class {class_names[int(counts.argmin())]!r} has"
                       f" {counts.min()} example(s); a stratified split needs at least 2")
-  n_test = int(np.ceil(fraction * len(y)))  # as scikit-learn rounds it
+  n_test = split.test_count(len(y), fraction)
   if min(n_test, len(y) - n_test) < max(len(class_names), 1):
     both = f" with all {len(class_names)} classes in both" if class_names else ""
     raise UserError(f"{where}: {len(y)} rows are too few for config.data.test_fraction="
                     f"{fraction}{both}: expected more rows")
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
-  train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      x, y, test_size=fraction, stratify=None if regression else y, random_state=config.seed)
+  train_x, test_x, train_y, test_y = split.train_test(x, y, fraction, config.seed,
+                                                      stratified=not regression)
   stats = {}
   if isinstance(train_x, tabular.pd.DataFrame):  # a CSV: encoded with training statistics
     prep = tabular.Preprocessor.fit(train_x, config.data.missing)
