@@ -339,8 +339,10 @@ def _mark_quarantine(folder) -> None:
 
 
 def _may_hold_steps(directory) -> bool:
-  """False only for a local checkpoint directory that does not exist yet."""
-  return storage.is_remote(str(directory)) or storage.path(directory).exists()
+  """False only for one process's local checkpoint directory that does not exist yet
+  (with several, every process makes its manager at once, as Orbax's barriers expect)."""
+  return (jax.process_count() > 1 or storage.is_remote(str(directory))
+          or storage.path(directory).exists())
 
 
 def abstract(state):
