@@ -53,11 +53,15 @@ ARG ACCELERATOR=cpu
 LABEL org.opencontainers.image.title="jaxjob trainer" \
       org.opencontainers.image.description="python -m trainer (accelerator extra: ${ACCELERATOR})" \
       org.opencontainers.image.licenses="Apache-2.0"
+# /var/cache/jaxjob holds JAX's persistent compilation cache (trainer/compile_cache.py), owned
+# by the trainer's user; the pods and the TPU VM launcher mount a volume there.
 RUN groupadd --gid 10001 jaxjob \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp \
-        --shell /usr/sbin/nologin jaxjob
+        --shell /usr/sbin/nologin jaxjob \
+    && install -d -o 10001 -g 10001 /var/cache/jaxjob /var/cache/jaxjob/jax
 COPY --from=deps /opt/venv /opt/venv
-# HOME and the caches point at /tmp: the pods run with a read-only root and an emptyDir there.
+# HOME and the other caches point at /tmp: the pods run with a read-only root and an emptyDir
+# there. JAXJOB_COMPILATION_CACHE_DIR=off turns the compilation cache off.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
@@ -65,6 +69,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/.cache \
+    JAXJOB_COMPILATION_CACHE_DIR=/var/cache/jaxjob/jax \
     JAXJOB_ACCELERATOR=${ACCELERATOR}
 WORKDIR /app
 COPY trainer/ /app/trainer/

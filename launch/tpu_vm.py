@@ -18,7 +18,10 @@ worker whose TPU cannot be opened fails at start instead of training on its CPU.
 `tpu-vm ssh --worker=N` per worker in parallel and prefixes each line with `[worker N]`
 here; the worker count comes from `--workers` or from `tpu-vm describe`. No other JAX_*
 variables are set: on a TPU VM the trainer's
-`jax.distributed.initialize()` finds its peers from the VM metadata.
+`jax.distributed.initialize()` finds its peers from the VM metadata. JAX's compilation
+cache stays on each VM across runs: the container gets the VM's `/var/cache/jaxjob` (created
+and handed to the image's user by the script) where the image keeps it, and a pip install
+uses the default, `~/.cache/jaxjob/jax`.
 
 Examples:
   python -m launch tpu-vm create --name=demo --zone=us-central2-b --project=my-project \
@@ -44,6 +47,7 @@ import sys
 from collections.abc import Sequence
 
 from launch import common
+from launch import image as image_lib
 
 # Cloud TPU "TPU software versions" for JAX, by accelerator generation.
 RUNTIME_VERSIONS = {
@@ -69,6 +73,9 @@ _VENV = "$HOME/jaxjob-venv"
 _PYTHON = "3.12"  # pyproject's requires-python; the TPU images ship 3.10, so uv fetches it.
 # No TPU: fail at start instead of training on the CPU. `run --env=JAX_PLATFORMS=...` replaces it.
 _DEFAULT_ENV = {"JAX_PLATFORMS": "tpu"}
+# JAX's compilation cache in the image (JAXJOB_COMPILATION_CACHE_DIR=/var/cache/jaxjob/jax, the
+# Dockerfile); the script mounts the same path of the VM there.
+CACHE_DIR = "/var/cache/jaxjob"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _METADATA = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
              "agent-worker-number")
@@ -213,8 +220,8 @@ def _pip_lines(name: str, pip_spec: str, remote_dir: str) -> list[str]:
   return lines
 
 
-def _docker_lines(name: str, image: str) -> list[str]:
-  """Shell lines that log in to a Google registry (if any) and pull `image`."""
+def _docker_lines(name: str, image: str, cache_dir: str) -> list[str]:
+  """Shell lines that log in to a Google registry (if any), pull `image` and make `cache_dir`."""
   registry = image.split("/")[0]
   lines = []
   if registry == "gcr.io" or registry.endswith((".gcr.io", "-docker.pkg.dev")):
@@ -223,18 +230,22 @@ def _docker_lines(name: str, image: str) -> list[str]:
                  f" --password-stdin {shlex.quote('https://' + registry)}")
   lines.append(f"sudo docker rm -f {shlex.quote('jaxjob-' + name)} > /dev/null 2>&1 || true")
   lines.append(f"sudo docker pull {shlex.quote(image)}")
+  lines.append(f"sudo mkdir -p {shlex.quote(cache_dir)} && sudo chown {image_lib.TRAINER_USER}"
+               f" {shlex.quote(cache_dir)}")
   return lines
 
 
 def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
                image: str | None = None, pip_spec: str | None = None,
-               env: dict[str, str] | None = None, remote_dir: str = "/tmp") -> str:
+               env: dict[str, str] | None = None, remote_dir: str = "/tmp",
+               cache_dir: str = CACHE_DIR) -> str:
   """Returns the shell script `run` executes on every worker (fixed template).
 
   Every user value is passed through `shlex.quote`. The trainer command is written to
   `jaxjob-NAME.sh` through a quoted here-document (no expansion inside) and started
   with `nohup`, so each trainer flag arrives as exactly one argument. User values hold
-  no newline (checked before), so none can end the here-document early.
+  no newline (checked before), so none can end the here-document early. With `image`, the
+  worker's `cache_dir` holds the container's compilation cache.
   """
   files = _remote_files(name, remote_dir)
   trainer = [*trainer_args, f"--workdir={workdir}"]
@@ -246,10 +257,10 @@ def run_script(name: str, workdir: str, trainer_args: Sequence[str], *,
       f'rm -f {files["exit"]}',
   ]
   if image is not None:
-    lines += _docker_lines(name, image)
+    lines += _docker_lines(name, image, cache_dir)
     command = shlex.join(["sudo", "docker", "run", f"--name=jaxjob-{name}", "--privileged",
-                          "--net=host", "--init", *(f"--env={k}={v}" for k, v in env.items()),
-                          image, *trainer])
+                          "--net=host", "--init", f"--volume={cache_dir}:{CACHE_DIR}",
+                          *(f"--env={k}={v}" for k, v in env.items()), image, *trainer])
   else:
     lines += _pip_lines(name, pip_spec, remote_dir)
     # Run from the directory holding the installed package, so that

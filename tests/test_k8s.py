@@ -269,6 +269,10 @@ def test_invariants(profile, jobset, capsys):
     assert int(port) == service["spec"]["ports"][0]["port"]
   for doc in docs:
     assert doc["metadata"]["namespace"] == "jaxjob"
+  # The image's compilation cache directory is writable (tests/test_dockerfile.py checks the path).
+  volumes = {v["name"]: v for v in pod["volumes"]}
+  (cache,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/var/cache/jaxjob"]
+  assert "emptyDir" in volumes[cache["name"]] and not cache.get("readOnly")
 
 
 def test_gpu_and_tpu_scheduling(capsys):
@@ -822,8 +826,10 @@ def test_rendered_job_trains_as_local_processes(capsys, tmp_path):
   workdir = tmp_path / "run"
   command = [sys.executable if a == "python" else a for a in container["command"]]
   args = [f"--workdir={workdir}" if a.startswith("--workdir=") else a for a in container["args"]]
+  # The session's compilation cache stands in for the image's (tests/conftest.py).
   base_env = {k: v for k, v in os.environ.items()
-              if not k.startswith(("JAX_", "XLA_FLAGS", "JAXJOB_"))}
+              if not k.startswith(("JAX_", "XLA_FLAGS", "JAXJOB_"))
+              or k == "JAXJOB_COMPILATION_CACHE_DIR"}
   procs = []
   for index in range(spec["completions"]):
     env = dict(base_env, JAXJOB_DEVICES_PER_PROCESS="2", JAX_PLATFORMS="cpu")

@@ -211,7 +211,7 @@ def test_resources_and_shared_memory(capsys):
   assert container["resources"]["requests"] == {"cpu": "80", "memory": "144Gi"}
   _, pod, container = job_parts(rendered(capsys, "--nodes=2"))
   assert container["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
-  assert [v["name"] for v in pod["volumes"]] == ["tmp"]
+  assert [v["name"] for v in pod["volumes"]] == ["tmp", "compile-cache"]  # No /dev/shm.
 
 
 @pytest.mark.parametrize("flags", [

@@ -4,7 +4,8 @@ Golden files hold the dry-run output of a fixed set of invocations (INVOCATIONS)
 `JAXJOB_UPDATE_GOLDENS=1 pytest tests/test_tpu_vm.py` rewrites them. Every gcloud command
 those dry runs print is then handed to the real `gcloud` with an empty config directory:
 it must get past argument parsing and stop at "no active account". The remote scripts
-run here under bash with stub `docker`/`python3`/`gcloud`/`sudo` that record their argv.
+run here under bash with stub `docker`/`python3`/`gcloud`/`sudo`/`chown` that record their
+argv.
 """
 
 import concurrent.futures
@@ -311,11 +312,15 @@ elif sys.argv[1:2] == ["run"] or sys.argv[1:3] == ["-m", "trainer"]:
 
 @pytest.fixture
 def remote(tmp_path):
-  """A fake TPU worker: stub commands on PATH, a HOME with the jaxjob venv python."""
+  """A fake TPU worker: stub commands on PATH, a HOME with the jaxjob venv python.
+
+  Scripts built for it put their files in tmp_path and the compilation cache in
+  tmp_path/cache (`remote_dir` and `cache_dir` of `run_script`).
+  """
   stubs, home, root = tmp_path / "bin", tmp_path / "home", tmp_path / "site"
   for d in (stubs, home / "jaxjob-venv" / "bin", root):
     d.mkdir(parents=True)
-  for path in [stubs / n for n in ("sudo", "docker", "gcloud", "python3", "curl")] + [
+  for path in [stubs / n for n in ("sudo", "docker", "gcloud", "python3", "curl", "chown")] + [
       home / "jaxjob-venv" / "bin" / "python"]:
     path.write_text(_STUB)
     path.chmod(0o755)
@@ -354,7 +359,8 @@ def test_run_script_passes_each_value_as_one_argument(source, remote):
   kwargs = {"image": {"image": "us-docker.pkg.dev/p/r/jaxjob:tpu"},
             "pip_git": {"pip_spec": "jaxjob[tpu] @ git+https://x/y;z'$(touch pwned)"},
             "pip_gs": {"pip_spec": "gs://b/w/jaxjob-0.1.0-py3-none-any.whl[tpu]"}}[source]
-  script = tpu_vm.run_script("demo", NASTY_WORKDIR, NASTY_ARGS, remote_dir=str(tmp), **kwargs)
+  script = tpu_vm.run_script("demo", NASTY_WORKDIR, NASTY_ARGS, remote_dir=str(tmp),
+                             cache_dir=str(tmp / "cache"), **kwargs)
   proc = execute(script)
   assert proc.returncode == 0, proc.stderr
   assert _wait_for(tmp / "jaxjob-demo.exit").strip() == "42"
@@ -362,18 +368,39 @@ def test_run_script_passes_each_value_as_one_argument(source, remote):
   expected = [*NASTY_ARGS, f"--workdir={NASTY_WORKDIR}"]
   if source == "image":
     assert trainer == [["docker", "run", "--name=jaxjob-demo", "--privileged", "--net=host",
-                        "--init", "--env=JAX_PLATFORMS=tpu", kwargs["image"], *expected]]
+                        "--init", f"--volume={tmp / 'cache'}:/var/cache/jaxjob",
+                        "--env=JAX_PLATFORMS=tpu", kwargs["image"], *expected]]
   else:
     assert trainer == [["python", "-m", "trainer", *expected]]
     install = [c for c in calls() if c[:4] == ["python3", "-m", "uv", "pip"]]
     spec = kwargs["pip_spec"] if source == "pip_git" else (
         f"jaxjob[tpu] @ file://{tmp}/jaxjob-demo-pkg/jaxjob-0.1.0-py3-none-any.whl")
     assert install[0][-1] == spec
+  assert (tmp / "cache").is_dir() == (source == "image")  # A pip install uses ~/.cache.
   log = (tmp / "jaxjob-demo.log").read_text()
   assert "training" in log
   if source != "image":  # docker gets --env; the venv's python gets the variable itself
     assert "JAX_PLATFORMS=tpu" in log
   assert not list(tmp.rglob("pwned"))
+
+
+def test_image_run_mounts_the_vms_compilation_cache(remote):
+  # Made and handed to the image's user before the container starts, then mounted where the
+  # image keeps the cache (CACHE_DIR against the Dockerfile: tests/test_dockerfile.py).
+  tmp, execute, calls = remote
+  cache = tmp / "cache dir"
+  script = tpu_vm.run_script("demo", "gs://b-1/r", [], image="img:1", remote_dir=str(tmp),
+                             cache_dir=str(cache))
+  proc = execute(script)
+  assert proc.returncode == 0, proc.stderr
+  assert _wait_for(tmp / "jaxjob-demo.exit").strip() == "42"
+  assert cache.is_dir()
+  names = [c[:2] for c in calls()]
+  assert calls()[names.index(["chown", image.TRAINER_USER])] == [
+      "chown", image.TRAINER_USER, str(cache)]
+  assert names.index(["chown", image.TRAINER_USER]) < names.index(["docker", "run"])
+  (run,) = [c for c in calls() if c[:2] == ["docker", "run"]]
+  assert f"--volume={cache}:{tpu_vm.CACHE_DIR}" in run[:run.index("img:1")]
 
 
 @pytest.mark.parametrize("source", ["image", "pip_git"])
@@ -382,7 +409,8 @@ def test_run_env_replaces_the_default_platform_and_stays_one_value(source, remot
   kwargs = {"image": {"image": "us-docker.pkg.dev/p/r/jaxjob:tpu"},
             "pip_git": {"pip_spec": "jaxjob[tpu] @ git+https://x/y"}}[source]
   env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--a=1 $(touch pwned) 'q'"}
-  script = tpu_vm.run_script("demo", "gs://b-1/r", [], env=env, remote_dir=str(tmp), **kwargs)
+  script = tpu_vm.run_script("demo", "gs://b-1/r", [], env=env, remote_dir=str(tmp),
+                             cache_dir=str(tmp / "cache"), **kwargs)
   proc = execute(script)
   assert proc.returncode == 0, proc.stderr
   assert _wait_for(tmp / "jaxjob-demo.exit").strip() == "42"
@@ -398,7 +426,8 @@ def test_run_env_replaces_the_default_platform_and_stays_one_value(source, remot
 
 def test_run_refuses_to_start_twice(remote):
   tmp, execute, _ = remote
-  script = tpu_vm.run_script("demo", "gs://b-1/r", [], image="img:1", remote_dir=str(tmp))
+  script = tpu_vm.run_script("demo", "gs://b-1/r", [], image="img:1", remote_dir=str(tmp),
+                             cache_dir=str(tmp / "cache"))
   first = execute(script, STUB_SLEEP="30")
   try:
     assert first.returncode == 0, first.stderr
