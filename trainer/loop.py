@@ -179,6 +179,7 @@ class Loop:
   def run(self, step_fn, state, start_step: int, watcher: preemption.Watcher):
     steps = self.config.train.steps
     self.start_step = start_step
+    self._last_time = None  # times are measured from this run's first read
     self._prepare(step_fn)
     progress = runinfo.progress_bar(steps, start_step, enabled=self.reporter.active)
     with_state = [h for h in self.hooks if h.needs_state]
@@ -248,8 +249,8 @@ class Loop:
     k = max(1, int(AUTO_TARGET_S // max(step_s, 1e-9)))
     if self.data_on_device:
       k = min(k, self._capacity)
-    elif step_s > AUTO_HOST_MAX_STEP_S or steps_left < 4 * k:
-      k = 1  # a second compilation would cost more than it saves
+    elif self._batches is not None or step_s > AUTO_HOST_MAX_STEP_S or steps_left < 4 * k:
+      k = 1  # a second compilation would cost more than it saves (or batches are given)
     else:
       self._capacity, self._steps_fn = k, self.job.steps_fn(on_device=False)
     self.steps_per_dispatch = k
