@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # (workload, virtual CPU devices)
 WORKLOADS = [("overhead", 1), ("balanced", 1), ("compute", 1), ("checkpoint", 1),
-             ("dp", 2), ("dp", 4), ("dp", 8), ("pmap", 4), ("startup", 1)]
+             ("dp", 2), ("dp", 4), ("dp", 8), ("pmap", 4), ("startup", 1), ("result", 1)]
 
 
 def _run_workload(name: str, devices: int, mode: str, timeout: float) -> tuple[list[dict], str]:
@@ -31,8 +31,8 @@ def _run_workload(name: str, devices: int, mode: str, timeout: float) -> tuple[l
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAXJOB_FAULTS"] = ""
   # No persistent compilation cache in the workload itself: every compilation is one
-  # (the recompile counter sees it), whatever an earlier run left. startup gives its
-  # child processes the caches it measures.
+  # (the recompile counter sees it), whatever an earlier run left. startup and result
+  # give their child processes the caches they measure.
   env["JAXJOB_COMPILATION_CACHE_DIR"] = "off"
   argv = [sys.executable, "-m", "bench.workloads", name, mode]
   records = []

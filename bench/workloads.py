@@ -8,6 +8,7 @@ the training split on the devices where it fits, else its loader) and `loop` (th
 loop at one step per dispatch fed device-resident batches: the trainer without its input
 pipeline). `overhead` adds `trainer_k1`: the loop at one step per dispatch reading each
 batch on the host (data_on_device=off), the trainer before those two choices existed.
+`result` (bench/result.py) times whole processes instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from bench import harness
+from bench import result
 from bench import startup
 from bench.harness import emit
 from bench.job import Job, Trainer
@@ -288,6 +290,8 @@ def main(argv: list[str]) -> None:
       dp(mode, workdir)
     elif name == "pmap":
       pmap_vs_sharding(mode, workdir)
+    elif name == "result":
+      result.measure(mode_name, workdir)
     elif name == "startup":
       startup.measure(repeats=1 if mode_name == "quick" else 3)
       if mode_name == "full":
