@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # (workload, virtual CPU devices)
 WORKLOADS = [("overhead", 1), ("balanced", 1), ("compute", 1), ("checkpoint", 1),
-             ("dp", 2), ("dp", 4), ("dp", 8), ("pmap", 4), ("startup", 1)]
+             ("dp", 2), ("dp", 4), ("dp", 8), ("pmap", 4), ("startup", 1), ("result", 1)]
 
 
 def _run_workload(name: str, devices: int, mode: str, timeout: float) -> tuple[list[dict], str]:
@@ -30,6 +30,10 @@ def _run_workload(name: str, devices: int, mode: str, timeout: float) -> tuple[l
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAXJOB_FAULTS"] = ""
+  # No persistent compilation cache in the workload itself: every compilation is one
+  # (the recompile counter sees it), whatever an earlier run left. startup and result
+  # give their child processes the caches they measure.
+  env["JAXJOB_COMPILATION_CACHE_DIR"] = "off"
   argv = [sys.executable, "-m", "bench.workloads", name, mode]
   records = []
   proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -80,7 +84,7 @@ def main() -> int:
   parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
   group = parser.add_mutually_exclusive_group()
   group.add_argument("--quick", action="store_const", const="quick", dest="mode",
-                     help="7 rounds of short blocks (CI; about 3 minutes on 2 cores)")
+                     help="7 rounds of short blocks (CI; about 3 to 4 minutes on 2 cores)")
   group.add_argument("--full", action="store_const", const="full", dest="mode",
                      help="15 rounds of longer blocks (about 10 minutes on 2 cores)")
   parser.add_argument("--only", default="", help="comma-separated workloads, e.g. overhead,dp")

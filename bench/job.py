@@ -8,7 +8,9 @@ trainer keeps the same bound). `Trainer.run(k)` drives the real `loop.Loop` for 
 steps, with its data loading, one-step-late metric reads, logging to a real `Reporter`,
 watchdog and preemption checks. The save that the checkpoint hook forces at a run's
 last step is dropped (a block's end is not a run's end): without a cadence nothing is
-saved, and the checkpoint workload saves on the cadence only.
+saved, and the checkpoint workload saves on the cadence only. `Trainer.warm_up` runs
+until the loop has made its auto choices (steps per dispatch, the split on the
+devices) and compiled what it dispatches; the `Loop` keeps them for every later block.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ from trainer import checkpoint
 from trainer import parallel
 from trainer import preemption
 from trainer import report
+from trainer import loop as loop_lib
 from trainer.loop import Loop
 
 _NEVER = 10**9
+# warm_up: the largest auto K it makes room for (the loop's K is about AUTO_TARGET_S over
+# its measured step time, and a host-fed K > 1 needs 4 K steps left when it is picked).
+_WARM_UP_MAX_K = 256
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -102,11 +108,17 @@ class Trainer:
   """Drives `loop.Loop.run` k steps at a time on a `Job`'s state."""
 
   def __init__(self, job: Job, workdir: str, *, device_batches: bool = False,
-               checkpoint_every: int | None = None):
+               checkpoint_every: int | None = None, steps_per_dispatch: int | None = None,
+               data_on_device: str | None = None):
+    """`steps_per_dispatch`, `data_on_device`: config.train values instead of the job's."""
     self.job = job
     self.config = job.config.copy_and_resolve_references()
     self.config.train.eval_every = _NEVER
     self.config.train.checkpoint_every = checkpoint_every or _NEVER
+    if steps_per_dispatch is not None:
+      self.config.train.steps_per_dispatch = steps_per_dispatch
+    if data_on_device is not None:
+      self.config.train.data_on_device = data_on_device
     self.workdir = workdir
     self.reporter = report.Reporter(workdir)  # Writes like process 0 of a real run.
     batches = (lambda step: job.batches[step % len(job.batches)]) if device_batches else None
@@ -140,6 +152,23 @@ class Trainer:
     job.state = box["state"]
     job.step += k
     return timing
+
+  def warm_up(self, step_s: float) -> None:
+    """Runs until the loop's steps per dispatch is chosen and its executables have run.
+
+    One `run` call: auto's PROBE_DISPATCHES timed single steps must fall in one call (the
+    first dispatch of a later call is timed from the end of the previous call), then room
+    for the K it picks from a step of about `step_s` (the bare step: the loop's own is no
+    shorter) to be picked and dispatched several times, compiling what it calls.
+
+    Raises:
+      RuntimeError: the loop has still not chosen its steps per dispatch.
+    """
+    k = min(_WARM_UP_MAX_K, max(1, int(loop_lib.AUTO_TARGET_S / max(step_s, 1e-9))))
+    self.run(loop_lib.PROBE_DISPATCHES + 2 + 6 * k)
+    if self.loop.steps_per_dispatch is None:
+      raise RuntimeError(f"{self.workdir}: the loop chose no steps per dispatch in its"
+                         f" warm-up of {loop_lib.PROBE_DISPATCHES + 2 + 6 * k} steps")
 
   def transfers_caught(self, k: int) -> str:
     """Runs k steps under jax.transfer_guard("disallow"); returns what it caught or "none"."""

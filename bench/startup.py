@@ -3,10 +3,12 @@
 Each child prints `FIRST_STEP <epoch seconds>` when its first training step has
 finished on the device; the parent measures from just before it starts the process.
 The trainer child runs the real `python -m trainer` entry point (flags, config file,
-data, checkpoint manager, run.json, ...) with one probe: the compiled step it gets from
-`parallel.DataParallel.compile_step` reports and exits after its first call. The bare
-child is the shortest good script that trains the same MLP shape (jax, flax, optax,
-numpy; jitted init and step) on random data of the digits set's shape.
+data, checkpoint manager, run.json, ...) with one probe: whichever compiled function the
+loop dispatches first, one step (`parallel.DataParallel.compile_step`) or several
+(`compile_steps`, the split on the devices), reports and exits after its first call. It
+gets a fresh, empty compilation cache (a user's first run); the bare child none. The
+bare child is the shortest good script that trains the same MLP shape (jax, flax,
+optax, numpy; jitted init and step) on random data of the digits set's shape.
 Children alternate (bare, trainer, trainer, bare, ...) so drift hits both alike.
 """
 
@@ -67,26 +69,30 @@ def _trainer_child(workdir: str) -> None:
 
   from trainer import parallel  # pylint: disable=g-import-not-at-top
 
-  compile_step = parallel.DataParallel.compile_step
+  def probed(compile_fn):
 
-  def probed(self, step_fn):
-    compiled = compile_step(self, step_fn)
+    def compile_and_probe(self, *args):
+      compiled = compile_fn(self, *args)
 
-    def first_step(state, batch):
-      jax.block_until_ready(compiled(state, batch))
-      print(f"{_MARK} {time.time()}", flush=True)
-      os._exit(0)  # pylint: disable=protected-access
+      def first_call(*call_args):
+        jax.block_until_ready(compiled(*call_args))
+        print(f"{_MARK} {time.time()}", flush=True)
+        os._exit(0)  # pylint: disable=protected-access
 
-    return first_step
+      return first_call
 
-  parallel.DataParallel.compile_step = probed
+    return compile_and_probe
+
+  strategy = parallel.DataParallel
+  strategy.compile_step = probed(strategy.compile_step)
+  strategy.compile_steps = probed(strategy.compile_steps)
   sys.argv = ["trainer", f"--workdir={workdir}"]
   runpy.run_module("trainer", run_name="__main__", alter_sys=True)
 
 
 def _time_child(kind: str, timeout: float = 180.0) -> float:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users get
   with tempfile.TemporaryDirectory(prefix="jaxjob-startup-") as workdir:
+    env = child_env(os.path.join(workdir, "jax-cache") if kind == "trainer" else None)
     argv = [sys.executable, "-m", "bench.startup", kind, os.path.join(workdir, "run")]
     start = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
@@ -96,6 +102,15 @@ def _time_child(kind: str, timeout: float = 180.0) -> float:
       return float(line.split()[1]) - start
   raise RuntimeError(f"{kind} child exited {proc.returncode} without {_MARK}:"
                      f" {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def child_env(cache: str | None) -> dict[str, str]:
+  """This environment for a child on one CPU device (as users get) that compiles with
+  `cache` as its persistent compilation cache, or with none."""
+  drop = ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAXJOB_COMPILATION_CACHE_DIR")
+  env = {k: v for k, v in os.environ.items() if k not in drop}
+  env["JAXJOB_COMPILATION_CACHE_DIR"] = cache or "off"
+  return env
 
 
 def _time_import(module_list: str) -> float:

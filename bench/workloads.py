@@ -3,8 +3,12 @@
 Each workload runs in its own process (the orchestrator `python -m bench` sets the
 virtual device count) and compares, in paired rounds on one compiled step:
 `bare` (the step in a minimal loop over device-resident batches), `bare_again` (the A/A
-control), `trainer` (the real `loop.Loop` with its loader) and `loop` (the same loop
-fed device-resident batches: the trainer without its input pipeline).
+control), `trainer` (the real `loop.Loop` as a run configures it: auto steps per dispatch,
+the training split on the devices where it fits, else its loader) and `loop` (the same
+loop at one step per dispatch fed device-resident batches: the trainer without its input
+pipeline). `overhead` adds `trainer_k1`: the loop at one step per dispatch reading each
+batch on the host (data_on_device=off), the trainer before those two choices existed.
+`result` (bench/result.py) times whole processes instead.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import numpy as np
 
 from bench import harness
+from bench import result
 from bench import startup
 from bench.harness import emit
 from bench.job import Job, Trainer
@@ -62,10 +67,15 @@ def lm_config(token_path: str = ""):
 
 
 def _prepare(job: Job, runners: list[Trainer], block: float) -> int:
-  """Compiles and warms every variant, checks for implicit transfers; returns K."""
+  """Compiles and warms every variant; returns the steps per timed block.
+
+  Each runner's loop makes its auto choices and compiles what it dispatches here
+  (`Trainer.warm_up`), so that no compilation lands in a timed block.
+  """
   job.bare(3)
+  step_s = job.bare(5).wall / 5
   for runner in runners:
-    runner.run(3)
+    runner.warm_up(step_s)
   k = harness.steps_for(block, job.bare(5).wall / 5)
   harness.COMPILES.count = 0
   return k
@@ -87,39 +97,62 @@ def _recompiles(name: str) -> None:
 
 def compare(name: str, job: Job, mode: dict, workdir: str, *, target: float,
             target_us: float | None = None, input_target: float | None = None,
-            input_name: str | None = None) -> dict:
-  """bare / bare_again / trainer / loop in paired rounds; emits the ratios and checks."""
-  trainer = Trainer(job, os.path.join(workdir, f"{name}-trainer"))
-  loop = Trainer(job, os.path.join(workdir, f"{name}-loop"), device_batches=True)
-  k = _prepare(job, [trainer, loop], mode["block"])
+            input_name: str | None = None, host_fed_k1: bool = False) -> dict:
+  """bare / bare_again / trainer / loop (/ trainer_k1) in paired rounds; emits the ratios
+  and checks. `host_fed_k1` adds the trainer at one host-fed step per dispatch."""
+  runners = {"trainer": Trainer(job, os.path.join(workdir, f"{name}-trainer")),
+             # One step per dispatch: with `batches=` a loop that picked K > 1 would read
+             # the host batches instead of the device-resident ones.
+             "loop": Trainer(job, os.path.join(workdir, f"{name}-loop"), device_batches=True,
+                             steps_per_dispatch=1)}
+  if host_fed_k1:
+    runners["trainer_k1"] = Trainer(job, os.path.join(workdir, f"{name}-trainer-k1"),
+                                    steps_per_dispatch=1, data_on_device="off")
+  trainer = runners["trainer"]
+  k = _prepare(job, list(runners.values()), mode["block"])
   _hygiene(name, trainer, k)
   harness.COMPILES.count = 0
-  times = harness.paired_rounds({
-      "bare": lambda: job.bare(k), "bare_again": lambda: job.bare(k),
-      "trainer": lambda: trainer.run(k), "loop": lambda: loop.run(k)}, mode["rounds"])
+  variants = {"bare": lambda: job.bare(k), "bare_again": lambda: job.bare(k)}
+  variants.update({v: (lambda r=r: r.run(k)) for v, r in runners.items()})
+  times = harness.paired_rounds(variants, mode["rounds"])
   step_ms = float(np.median([t.wall for t in times["bare"]])) / k * 1e3
   info = {"steps_per_block": k, "bare_step_ms": round(step_ms, 3),
-          "devices": jax.device_count(), "log_every": job.config.train.log_every}
+          "devices": jax.device_count(), "log_every": job.config.train.log_every,
+          "steps_per_dispatch": trainer.loop.steps_per_dispatch,
+          "data_on_device": trainer.loop.data_on_device}
   emit(harness.ratio_record(name, "trainer/bare", times, "trainer", "bare", target=target,
                             **info))
+  if host_fed_k1:
+    emit(harness.ratio_record(name, "trainer (K=1, host-fed)/bare", times, "trainer_k1",
+                              "bare", target=None))
   emit(harness.ratio_record(name, "loop/bare (no input pipeline)", times, "loop", "bare",
                             target=None))
   if target_us is not None:
     emit(harness.overhead_record(name, times, "trainer", "bare", k, target_us=target_us))
-  wait = [(t.wall - l.wall) / t.wall for t, l in zip(times["trainer"], times["loop"])]
+  fed = "trainer_k1" if host_fed_k1 else "trainer"
+  emit(_input_wait(input_name or name, times, fed, runners[fed], input_target))
+  _recompiles(name)
+  for runner in runners.values():
+    runner.close()
+  return times
+
+
+def _input_wait(name: str, times, fed: str, runner: Trainer, target: float | None) -> dict:
+  """(fed - loop) / fed: the share of a host-fed trainer's time spent on its input."""
+  metric = f"input wait ({fed} - loop) / {fed}"
+  if runner.loop.data_on_device:
+    return {"bench": name, "metric": metric,
+            "value": "none: the training split is on the devices"}
+  wait = [(t.wall - l.wall) / t.wall for t, l in zip(times[fed], times["loop"])]
   control = [(a.wall - b.wall) / a.wall for a, b in zip(times["bare_again"], times["bare"])]
-  record = {"bench": input_name or name, "metric": "input wait (trainer - loop) / trainer",
+  record = {"bench": name, "metric": metric,
             **harness._rounded(harness.summary(wait)),  # pylint: disable=protected-access
             "aa": harness._rounded(harness.summary(control)),  # pylint: disable=protected-access
             "rounds": len(wait)}
-  if input_target is not None:
-    record["target"] = f"<= {input_target}"
-    record["verdict"] = harness.verdict(record["median"], input_target, control, aa_center=0.0)
-  emit(record)
-  _recompiles(name)
-  trainer.close()
-  loop.close()
-  return times
+  if target is not None:
+    record["target"] = f"<= {target}"
+    record["verdict"] = harness.verdict(record["median"], target, control, aa_center=0.0)
+  return record
 
 
 def components(name: str, job: Job, workdir: str, calls: int = 300) -> None:
@@ -176,6 +209,8 @@ def pmap_vs_sharding(mode: dict, workdir: str) -> None:
   k = _prepare(shard, [runners["sharding"]], mode["block"])
   _prepare(pm, [runners["pmap"]], mode["block"])
   _prepare(sm, [runners["shard_map"]], mode["block"])
+  chosen = {name: {"steps_per_dispatch": r.loop.steps_per_dispatch,
+                   "data_on_device": r.loop.data_on_device} for name, r in runners.items()}
   ops = {name: job.hlo_op_counts() for name, job in (("sharding", shard), ("pmap", pm),
                                                         ("shard_map", sm))}
   emit({"bench": f"pmap{n}", "metric": "all-reduce / transpose ops in the compiled step",
@@ -192,7 +227,7 @@ def pmap_vs_sharding(mode: dict, workdir: str) -> None:
                          ("shard_map_bare", "bare", "shard_map/sharding (bare step)"),
                          ("shard_map_trainer", "trainer", "shard_map/sharding (trainer)")):
     record = harness.ratio_record(f"pmap{n}", what, times, num, den, target=None,
-                                  steps_per_block=k)
+                                  steps_per_block=k, trainer_loops=chosen)
     record["target"] = "within 0.95..1.05"
     record["verdict"] = harness.verdict(abs(record["median"] - 1), 0.05,
                                         harness.ratios(times, "bare_again", "bare"))
@@ -210,7 +245,7 @@ def checkpointing(mode: dict, workdir: str) -> None:
   without = Trainer(job, os.path.join(workdir, "ckpt-without"))
   k = _prepare(job, [without], mode["block"] * (4 if mode["rounds"] > 7 else 3))
   with_saves = Trainer(job, os.path.join(workdir, "ckpt-with"), checkpoint_every=k)
-  with_saves.run(k)  # The first save creates the directory layout.
+  _prepare(job, [with_saves], mode["block"])  # also its first save: the directory layout
   times = harness.paired_rounds({
       "without": lambda: without.run(k), "without_again": lambda: without.run(k),
       "with": lambda: with_saves.run(k)}, mode["rounds"])
@@ -218,7 +253,8 @@ def checkpointing(mode: dict, workdir: str) -> None:
   record = harness.ratio_record(
       "checkpoint", f"with a save every {k} steps / without", times, "with", "without",
       target=1.02, aa=("without_again", "without"), steps_per_block=k,
-      step_ms=round(step_ms, 3))
+      step_ms=round(step_ms, 3), steps_per_dispatch=without.loop.steps_per_dispatch,
+      data_on_device=without.loop.data_on_device)
   added = float(np.median([a.wall - b.wall for a, b in zip(times["with"], times["without"])]))
   record["ms_per_save"] = round(added * 1e3, 1)
   record["state_mb"] = round(sum(x.nbytes for x in jax.tree.leaves(job.state)) / 2**20, 2)
@@ -236,7 +272,7 @@ def main(argv: list[str]) -> None:
   with tempfile.TemporaryDirectory(prefix=f"jaxjob-bench-{name}-") as workdir:
     if name == "overhead":
       job = Job(mlp_config(64, (64,) * 16, 32, 4))
-      compare(name, job, mode, workdir, target=1.05, target_us=50.0)
+      compare(name, job, mode, workdir, target=1.05, target_us=50.0, host_fed_k1=True)
       components(name, job, workdir, mode["calls"])
     elif name == "balanced":
       job = Job(mlp_config(784, (256, 256), 128, 10))
@@ -254,6 +290,8 @@ def main(argv: list[str]) -> None:
       dp(mode, workdir)
     elif name == "pmap":
       pmap_vs_sharding(mode, workdir)
+    elif name == "result":
+      result.measure(mode_name, workdir)
     elif name == "startup":
       startup.measure(repeats=1 if mode_name == "quick" else 3)
       if mode_name == "full":

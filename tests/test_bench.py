@@ -5,6 +5,7 @@ CI checks that the suite runs and prints its table and JSON lines, not its figur
 """
 
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -66,6 +67,28 @@ def test_check_run_accepts_a_run_and_rejects_a_broken_one(tmp_path):
   assert proc.returncode == 1 and "unreadable run directory" in proc.stdout
 
 
+def test_restart_counts_only_committed_checkpoints(tmp_path):
+  from bench import result  # pylint: disable=g-import-not-at-top
+  for name in ("20", "40", "60.orbax-checkpoint-tmp-1733", "quarantine"):
+    (tmp_path / "checkpoints" / name).mkdir(parents=True)
+  assert result.committed_steps(str(tmp_path)) == [20, 40]
+  assert result.committed_steps(str(tmp_path / "elsewhere")) == []
+
+
+@pytest.mark.slow
+def test_bare_script_learns_the_synthetic_csv(tmp_path, monkeypatch, mobile_price_csv):
+  from bench import result  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("JAXJOB_DATA_DIR", str(tmp_path / "no-data-here"))
+  path, source = result.data_csv(str(tmp_path))
+  assert source.startswith("synthetic")
+  lines = pathlib.Path(path).read_text().splitlines()
+  assert lines[0] == mobile_price_csv.read_text().splitlines()[0] and len(lines) == 2001
+  proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bare_mobile_price.py"), path],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert float(re.search(r"held-out accuracy ([0-9.]+)", proc.stdout).group(1)) > 0.8
+
+
 def test_gpu_script_parses():
   subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], check=True)
 
@@ -79,12 +102,16 @@ def test_quick_benchmarks_print_json_lines_and_a_table():
              if line.startswith('{"bench"')]
   benches = {r["bench"] for r in records}
   assert benches >= {"overhead", "balanced", "compute", "input", "checkpoint", "dp2", "dp4",
-                     "dp8", "pmap4", "startup"}, benches
+                     "dp8", "pmap4", "startup", "result"}, benches
   ratios = [r for r in records if r["metric"] == "trainer/bare"]
   assert len(ratios) == 6  # overhead, balanced, compute, dp2, dp4, dp8
   for r in ratios:
     assert r["rounds"] >= 7 and r["min"] <= r["median"] <= r["max"], r
     assert r["aa"]["min"] <= r["aa"]["median"] <= r["aa"]["max"] and r["verdict"] in VERDICTS
+  to_result = [r for r in records if r["metric"].startswith("time to result")]
+  assert len(to_result) == 2 and all(r["verdict"] in VERDICTS for r in to_result), to_result
+  restarts = [r for r in records if r["metric"].startswith("restart: kill -9")]
+  assert len(restarts) == 2 and all(r["median"] > 0 for r in restarts), restarts
   hlo = [r for r in records if r["metric"].startswith("all-reduce ops")]
   assert [r["value"] for r in hlo] and all(r["value"] >= 1 for r in hlo)
   assert re.search(r"^workload +\| metric +\| median \[min\.\.max\]", proc.stdout, re.M)
