@@ -25,10 +25,11 @@ VARIANTS = [(1, "off", 0), (5, "off", 2), (5, "on", 0), (0, "auto", 0), (0, "off
 
 
 def _config(strategy="sharding", k=0, on_device="auto", prefetch=0, **overrides):
-  return tiny_config(train__steps=60, train__checkpoint_every=20, train__eval_every=25,
-                     train__log_every=7, train__batch_size=64, optimizer__warmup_steps=5,
-                     parallel__strategy=strategy, train__steps_per_dispatch=k,
-                     train__data_on_device=on_device, train__prefetch=prefetch, **overrides)
+  fields = dict(train__steps=60, train__checkpoint_every=20, train__eval_every=25,
+                train__log_every=7, train__batch_size=64, optimizer__warmup_steps=5,
+                parallel__strategy=strategy, train__steps_per_dispatch=k,
+                train__data_on_device=on_device, train__prefetch=prefetch)
+  return tiny_config(**{**fields, **overrides})
 
 
 def _outcome(workdir, summary):
@@ -133,3 +134,30 @@ def test_two_processes_every_dispatch_variant_is_bit_identical(tmp_path):
     assert summary["num_processes"] == 2 and summary["data_on_device"] is (on_device != "off")
     outcomes.append(_outcome(workdir, summary))
   _check_all_equal(outcomes)
+
+
+@pytest.mark.parametrize("on_device", ["on", "off"])
+def test_dispatches_make_no_implicit_transfer(on_device):
+  """After the first dispatch of each length, everything reaches the devices explicitly."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from trainer import preemption  # pylint: disable=g-import-not-at-top
+
+  class NoCheckpoint:
+    def save(self, *args, **kwargs):
+      return False
+
+    def close(self):
+      pass
+
+  config = _config(k=8, on_device=on_device, train__eval_every=1000,
+                   train__checkpoint_every=1000).unlock()
+  job = train.build(config)
+  loop = Loop(job, NoCheckpoint(), report.Reporter(None), inject_faults=False)
+  state = job.strategy.to_device(job.state)
+  config.train.steps = 16  # compiles, and transfers the trip count 8 once
+  state = loop.run(job.step_fn, state, 0, preemption.Watcher())
+  config.train.steps = 40
+  with jax.transfer_guard("disallow"):
+    loop.run(job.step_fn, state, 16, preemption.Watcher())
+  loop.watchdog.close()
+  assert loop.steps_per_dispatch == 8 and loop.data_on_device is (on_device == "on")

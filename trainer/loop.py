@@ -77,6 +77,7 @@ class Loop:
     self._split = None  # the training split on the devices
     self._capacity = 1
     self._prefetch = None
+    self._counts: dict = {}  # dispatch length -> its trip count on the devices
     self.data_on_device = False
     self.steps_per_dispatch = None
     self.watchdog = watchdog.Watchdog(self.config.train.watchdog_timeout)
@@ -163,7 +164,9 @@ class Loop:
       inputs = self._inputs(*key)
     if not stacked:
       return (*step_fn(state, inputs), False)
-    return (*self._steps_fn(state, inputs, n, self._split), True)
+    if n not in self._counts:  # an explicit transfer, once per distinct length
+      self._counts[n] = self.strategy.steps_count(n)
+    return (*self._steps_fn(state, inputs, self._counts[n], self._split), True)
 
   def _upcoming(self, key):
     """The dispatches after `key` as planned now (prefetch builds them ahead)."""

@@ -158,6 +158,10 @@ class DataParallel:
         self.steps_sharding, v, (v.shape[0], global_size) + v.shape[2:])
             for k, v in local.items()}
 
+  def steps_count(self, n: int):
+    """The trip count `n` of `compile_steps` as a (replicated) device scalar."""
+    return jax.make_array_from_process_local_data(self.replicated, np.int32(n), ())
+
   def put_split(self, arrays: dict[str, np.ndarray]) -> dict:
     """The whole training split on every device (each process passes all of it)."""
     return {k: jax.make_array_from_process_local_data(self.replicated, v, v.shape)
@@ -275,6 +279,9 @@ class Pmap(DataParallel):
     n = jax.local_device_count()  # [K, B_local, ...] -> [devices, K, B_local / devices, ...]
     return {k: v.reshape((v.shape[0], n, v.shape[1] // n) + v.shape[2:]).swapaxes(0, 1)
             for k, v in local.items()}
+
+  def steps_count(self, n):
+    return np.int32(n)  # pmap's inputs are host arrays (an unmapped argument)
 
   def put_split(self, arrays):
     n = jax.local_device_count()
