@@ -107,15 +107,22 @@ def xla_flops(job: Job) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _measure(job: Job, trainer: Trainer, args):
-  """Warm-up, the transfer-guard check, then the paired rounds: (times, k, caught)."""
+def _measure(job: Job, trainer: Trainer, prefetching: Trainer, args):
+  """Warm-up, the transfer-guard check, then the paired rounds: (times, k, caught).
+
+  `prefetching` is the same trainer with `train.prefetch=2` (batches built and
+  transferred on a background thread): whether it gains here decides its default.
+  """
   job.bare(2)
-  trainer.warm_up(job.bare(3).wall / 3)  # the loop's auto choices, made and compiled
+  step_s = job.bare(3).wall / 3
+  trainer.warm_up(step_s)  # the loop's auto choices, made and compiled
+  prefetching.warm_up(step_s)
   k = harness.steps_for(args.block, job.bare(3).wall / 3, lo=5, hi=200)
   caught = trainer.transfers_caught(k)
   harness.COMPILES.count = 0
   times = harness.paired_rounds({"bare": lambda: job.bare(k), "bare_again": lambda: job.bare(k),
-                                 "trainer": lambda: trainer.run(k)}, args.rounds)
+                                 "trainer": lambda: trainer.run(k),
+                                 "trainer_prefetch": lambda: prefetching.run(k)}, args.rounds)
   return times, k, caught
 
 
@@ -148,8 +155,10 @@ def gpt2(args, ceiling: dict | None, workdir: str) -> None:
   job.bare(1)
   compiled = time.perf_counter()
   trainer = Trainer(job, os.path.join(workdir, "trainer"))
-  times, k, caught = _measure(job, trainer, args)
+  prefetching = Trainer(job, os.path.join(workdir, "trainer-prefetch"), prefetch=2)
+  times, k, caught = _measure(job, trainer, prefetching, args)
   trainer.close()
+  prefetching.close()
   m = config.model
   kind = jax.devices()[0].device_kind
   emit(harness.ratio_record(
@@ -159,6 +168,9 @@ def gpt2(args, ceiling: dict | None, workdir: str) -> None:
       steps_per_block=k, steps_per_dispatch=trainer.loop.steps_per_dispatch,
       data_on_device=trainer.loop.data_on_device, build_s=round(built - start, 1),
       first_step_s=round(compiled - built, 1)))
+  emit(harness.ratio_record("gpt2", "trainer with prefetch=2 / trainer", times,
+                            "trainer_prefetch", "trainer", target=None,
+                            steps_per_dispatch=prefetching.loop.steps_per_dispatch))
   hlo = xla_flops(job)
   emit(_throughput("bare", times, k, job, ceiling, hlo))
   record = _throughput("trainer", times, k, job, ceiling, hlo)

@@ -109,8 +109,9 @@ class Trainer:
 
   def __init__(self, job: Job, workdir: str, *, device_batches: bool = False,
                checkpoint_every: int | None = None, steps_per_dispatch: int | None = None,
-               data_on_device: str | None = None):
-    """`steps_per_dispatch`, `data_on_device`: config.train values instead of the job's."""
+               data_on_device: str | None = None, prefetch: int | None = None):
+    """`steps_per_dispatch`, `data_on_device`, `prefetch`: config.train values instead of
+    the job's."""
     self.job = job
     self.config = job.config.copy_and_resolve_references()
     self.config.train.eval_every = _NEVER
@@ -119,6 +120,8 @@ class Trainer:
       self.config.train.steps_per_dispatch = steps_per_dispatch
     if data_on_device is not None:
       self.config.train.data_on_device = data_on_device
+    if prefetch is not None:
+      self.config.train.prefetch = prefetch
     self.workdir = workdir
     self.reporter = report.Reporter(workdir)  # Writes like process 0 of a real run.
     batches = (lambda step: job.batches[step % len(job.batches)]) if device_batches else None
