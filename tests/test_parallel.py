@@ -87,8 +87,17 @@ def test_shard_map_refuses_fsdp():
 def test_unknown_strategy_names_the_choices():
   from trainer import parallel  # pylint: disable=g-import-not-at-top
   from trainer.errors import UserError  # pylint: disable=g-import-not-at-top
-  with pytest.raises(UserError, match="expected sharding, shard_map or pmap"):
+  with pytest.raises(UserError, match="expected auto, sharding, shard_map or pmap"):
     parallel.create(tiny_config(parallel__strategy="smap"))
+
+
+def test_auto_strategy_is_shard_map_unless_the_state_is_sharded():
+  from trainer import parallel  # pylint: disable=g-import-not-at-top
+  assert parallel.create(tiny_config()).name == "shard_map"
+  assert parallel.create(tiny_config(parallel__data=4, parallel__fsdp=-1)).name == "sharding"
+  assert parallel.create(tiny_config(parallel__data=8, parallel__fsdp=-1)).name == "shard_map"
+  assert parallel.create(tiny_config(parallel__fsdp=2)).name == "sharding"
+  assert parallel.create(tiny_config(parallel__data=-1, parallel__fsdp=1)).name == "shard_map"
 
 
 @pytest.mark.slow

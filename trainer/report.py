@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import threading
+import time
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ class Reporter:
     self.workdir = workdir
     self.rows: list[dict] = []
     self._writers: list[writers_lib.MetricWriter] = []
+    self._flushed = time.monotonic()  # of the last full flush (the writers' too)
     if workdir is None:
       return
     metrics_path = storage.path(workdir) / "metrics.jsonl"
@@ -49,14 +51,24 @@ class Reporter:
     for writer in self._writers:
       writer.write_scalars(row["step"], scalars)
 
-  def flush(self) -> None:
-    """Rewrites metrics.jsonl in one atomic write and flushes the writers."""
+  def flush(self, *, unless_within_s: float = 0.0, writers: bool = True) -> None:
+    """Rewrites metrics.jsonl in one atomic write and flushes the writers.
+
+    `unless_within_s`: skip when the last flush (or the reporter's start) is more recent
+    than that: the log hook's flushes. `writers=False`: metrics.jsonl only (before a
+    checkpoint, so the rows up to it are on disk). `close` always flushes everything.
+    """
     if not self.active:
+      return
+    now = time.monotonic()
+    if unless_within_s and now - self._flushed < unless_within_s:
       return
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
     storage.write_text(storage.path(self.workdir) / "metrics.jsonl", text)
-    for writer in self._writers:
-      writer.flush()
+    if writers:
+      self._flushed = now
+      for writer in self._writers:
+        writer.flush()
 
   def close(self) -> None:
     self.flush()
@@ -77,7 +89,7 @@ class Reporter:
     if not self.active:
       return
     steps = [r["step"] for r in self.rows]
-    plt = _pyplot()
+    plt = import_pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(steps, [r["loss"] for r in self.rows], label="train")
     ax_loss.set(xlabel="step", ylabel="loss", title="Loss history")
@@ -98,7 +110,7 @@ class Reporter:
     storage.write_bytes(storage.path(self.workdir) / "plots" / "history.png", buffer.getvalue())
 
 
-def _pyplot():
+def import_pyplot():
   # matplotlib loads only where a plot is drawn (~1 s): `preload` starts it early.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -119,11 +131,6 @@ def preload(*imports) -> None:
       load()
 
   threading.Thread(target=run, name="jaxjob-preload", daemon=True).start()
-
-
-def preload_for_process_0():
-  """The imports process 0's run needs beyond the other processes' (writers, plots)."""
-  return (writers_lib.preload_tensorboard, _pyplot)
 
 
 def classification_report(labels: np.ndarray, preds: np.ndarray, class_names: list[str]):

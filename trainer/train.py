@@ -35,6 +35,7 @@ from trainer import report
 from trainer import runinfo
 from trainer import storage
 from trainer import tasks
+from trainer import writers
 from trainer.errors import Preempted, UserError
 from trainer.loop import Loop
 
@@ -282,9 +283,11 @@ def train_and_evaluate(config, workdir: str | None = None, allow_config_change: 
   if jax.process_count() > 1 and preemption.requested_before_start():
     raise Preempted("preempted during start-up, before any step: nothing new to save")
   watcher = preemption.Watcher()
-  # Modules the run needs later load in the background while data loads and compiles.
+  # Modules the run needs later load in the background while data loads and compiles,
+  # in the order they are needed.
+  main = jax.process_index() == 0  # the process that logs and plots
   report.preload(checkpoint.import_orbax,
-                 *(report.preload_for_process_0() if jax.process_index() == 0 else ()))
+                 *([writers.preload_tensorboard, report.import_pyplot] if main else []))
   try:
     job = build(config, model=model, dataset=dataset, task=task, hooks=hooks)
     return run(job, workdir, allow_config_change, watcher=watcher, start_time=start_time)

@@ -39,7 +39,11 @@ class MetricWriter(Protocol):
 
 
 class TensorBoardWriter:
-  """tensorboardX event files under `<workdir>/tensorboard`."""
+  """tensorboardX event files under `<workdir>/tensorboard`.
+
+  Rows wait in memory until `flush` (the reporter flushes every few seconds, and at the
+  end), so neither importing tensorboardX nor writing events stalls a training step.
+  """
 
   def __init__(self, workdir: str):
     self._workdir = workdir
@@ -48,15 +52,19 @@ class TensorBoardWriter:
                    else str(storage.path(workdir) / "tensorboard"))
     self._uploaded: dict[str, int] = {}  # event file -> size already copied to gs://
     self._tb = None
+    self._pending: list[tuple[int, dict[str, float]]] = []
 
   def write_scalars(self, step, scalars):
-    if self._tb is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(self._local, flush_secs=60)
-    for key, value in scalars.items():
-      self._tb.add_scalar(key, value, step)
+    self._pending.append((step, dict(scalars)))
 
   def flush(self):
+    if self._pending and self._tb is None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(self._local, flush_secs=60)
+    for step, scalars in self._pending:
+      for key, value in scalars.items():
+        self._tb.add_scalar(key, value, step)
+    self._pending.clear()
     if self._tb is None:
       return
     self._tb.flush()

@@ -83,7 +83,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.watchdog_timeout = 600  # abort (exit 134) when no step ends for this long; 0 = off
 
   config.parallel = ml_collections.ConfigDict()
-  config.parallel.strategy = "sharding"  # sharding (jit + NamedSharding) | shard_map | pmap
+  # auto (shard_map when fsdp is 1, else sharding) | sharding (jit + NamedSharding) |
+  # shard_map (jit of shard_map + an explicit pmean) | pmap
+  config.parallel.strategy = "auto"
   config.parallel.data = -1  # mesh axis sizes; -1 = the rest of the devices
   config.parallel.fsdp = 1  # >1 shards params and optimiser state over this many devices
 
