@@ -84,7 +84,7 @@ def test_dispatches_end_where_a_hook_needs_the_state(tmp_path):
   job = train.build(_config(k=10, profile__steps="33,36"))
   loop = Loop(job, None, report.Reporter(str(tmp_path)), inject_faults=False)
   loop.watchdog.close()
-  loop._prepare(job.step_fn)  # pylint: disable=protected-access
+  loop._prepare()  # pylint: disable=protected-access
   lengths, step = [], 0
   while step < 60:
     n = loop._dispatch_length(step, 60)  # pylint: disable=protected-access

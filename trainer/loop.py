@@ -113,7 +113,7 @@ class Loop:
         return None
     return split
 
-  def _prepare(self, step_fn) -> None:
+  def _prepare(self) -> None:
     """Picks how batches reach the step and the dispatch function (once per Loop)."""
     if self._prepared:
       return
@@ -183,7 +183,7 @@ class Loop:
     steps = self.config.train.steps
     self.start_step = start_step
     self._last_time = None  # times are measured from this run's first read
-    self._prepare(step_fn)
+    self._prepare()
     progress = runinfo.progress_bar(steps, start_step, enabled=self.reporter.active)
     with_state = [h for h in self.hooks if h.needs_state]
     pending = None
