@@ -4,7 +4,7 @@ Each child prints `FIRST_STEP <epoch seconds>` when its first training step has
 finished on the device; the parent measures from just before it starts the process.
 The trainer child runs the real `python -m trainer` entry point (flags, config file,
 data, checkpoint manager, run.json, ...) with one probe: whichever compiled function the
-loop dispatches first, one step (`parallel.DataParallel.compile_step`) or several
+loop dispatches first, one step (a strategy's `compile_step`) or several
 (`compile_steps`, the split on the devices), reports and exits after its first call. It
 gets a fresh, empty compilation cache (a user's first run); the bare child none. The
 bare child is the shortest good script that trains the same MLP shape (jax, flax,
@@ -83,9 +83,10 @@ def _trainer_child(workdir: str) -> None:
 
     return compile_and_probe
 
-  strategy = parallel.DataParallel
-  strategy.compile_step = probed(strategy.compile_step)
-  strategy.compile_steps = probed(strategy.compile_steps)
+  for strategy in (parallel.DataParallel, parallel.ShardMap, parallel.Pmap):
+    for name in ("compile_step", "compile_steps"):
+      if name in vars(strategy):  # each class's own (ShardMap and Pmap override them)
+        setattr(strategy, name, probed(vars(strategy)[name]))
   sys.argv = ["trainer", f"--workdir={workdir}"]
   runpy.run_module("trainer", run_name="__main__", alter_sys=True)
 
