@@ -104,16 +104,17 @@ class Job:
     self.current: list[str] = []
     self.port = 0
 
-  def start(self) -> None:
+  def start(self, env: dict | None = None) -> None:
     """Starts one container per completion index (fresh containers on every call)."""
     self.port = local._free_port()  # pylint: disable=protected-access
     self.current = [""] * self.nodes
     for index in range(self.nodes):
-      self.start_index(index)
+      self.start_index(index, env)
 
-  def start_index(self, index: int) -> None:
+  def start_index(self, index: int, env: dict | None = None) -> None:
     """Starts a container for `index` alone, with the group's coordinator address."""
     extra = [f"--volume={DATA_DIR / 'train.csv'}:{DATA}:ro"]
+    extra += [f"--env={key}={value}" for key, value in (env or {}).items()]
     for key, value in gcs_emulator.env(self.gcs.url, "/nonexistent").items():
       if key != "CLOUDSDK_CONFIG":
         extra.append(f"--env={key}={value}")
@@ -254,7 +255,9 @@ def test_docker_stop_exits_42_in_grace_and_fresh_containers_resume(reference, im
                                                                   jobs):
   job = jobs(image, gcs, 2, JOB_ARGS, "stopped")
   grace = job.pod["terminationGracePeriodSeconds"]
-  job.start()
+  # The whole run takes about a second after its first checkpoint: a 10 s pause before
+  # the eval at step 300 keeps it running until the stop lands (results are unchanged).
+  job.start(env={"JAXJOB_FAULTS": "slow_eval@10"})
   job.wait_for_commit(EVERY)
   sent = time.monotonic()
   container.docker("stop", f"--time={grace}", job.current[1], timeout=grace + 30)

@@ -50,10 +50,14 @@ class Faults:
 
 class _Hang(hooks.Hook):
   """Before each step: process R sleeps for good at step S (the watchdog's stack dump
-  shows `maybe_hang`)."""
+  shows `maybe_hang`). A dispatch ends before S on every process, so step S - 1 is the
+  last one to finish, whatever the steps per dispatch."""
 
   def __init__(self, faults: Faults):
     self._faults = faults
+
+  def ends_dispatch(self, done, last):
+    return done in self._faults.hang.values()
 
   def before_step(self, loop, step, state):
     import jax  # pylint: disable=g-import-not-at-top
