@@ -25,6 +25,7 @@ a skip, for developer machines without Docker.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import pathlib
@@ -253,11 +254,18 @@ def _volume_flags(pod: dict, container: dict) -> list[str]:
     volume = volumes[mount["name"]]
     if set(volume) != {"name", "emptyDir"} or volume["emptyDir"].get("medium"):
       raise ValueError(f"volume {mount['name']}: only disk-backed emptyDir is mapped")
-    # An emptyDir is a fresh, empty, world-writable directory (exec allowed).
-    size = volume["emptyDir"].get("sizeLimit")
-    options = "rw,exec,mode=1777" + (f",size={_size(size)}" if size else "")
-    flags.append(f"--tmpfs={mount['mountPath']}:{options}")
+    # An emptyDir is a fresh, empty, world-writable directory on the node's disk. Docker's
+    # --tmpfs comes out root-owned 0755 here whatever its mode= says, so a fresh host
+    # directory stands in (its sizeLimit is not enforced).
+    path = tempfile.mkdtemp(prefix="jaxjob-emptydir-")
+    os.chmod(path, 0o1777)
+    _EMPTY_DIRS.append(path)
+    flags.append(f"--volume={path}:{mount['mountPath']}:rw")
   return flags
+
+
+_EMPTY_DIRS: list[str] = []  # removed when the test session ends
+atexit.register(lambda: [shutil.rmtree(p, ignore_errors=True) for p in _EMPTY_DIRS])
 
 
 def _env_value(variable: dict, index: int, coordinator: str) -> str:

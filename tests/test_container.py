@@ -3,8 +3,9 @@
 `tests/container.py` starts (or finds) a Docker engine, makes the local base image and
 builds the Dockerfile on it. Each Kubernetes case renders the CPU manifests with
 `python -m launch k8s render` and turns the pod into `docker run` flags (user, read-only
-root, dropped capabilities, no privilege escalation, emptyDir as tmpfs, env, command and
-args, memory limit, grace period), so a drift between manifests and image fails here. The
+root, dropped capabilities, no privilege escalation, emptyDir as a fresh world-writable
+directory, env, command and args, memory limit, grace period), so a drift between manifests
+and image fails here. The
 run directory is `gs://` as in the manifests: fake-gcs-server on 127.0.0.1, reached over
 the host network through `STORAGE_EMULATOR_HOST` (the one variable added to the pod's
 env, with the no-metadata-server guards of tests/gcs_emulator.py). The tutorial CSV is
@@ -184,6 +185,7 @@ def test_tutorial_job_in_one_container(image, gcs, jobs):
   job = jobs(image, gcs, 1, args, "tutorial")
   job.start()
   assert job.wait(0) == 0, job.logs(0)[-3000:]
+  assert "compilation cache" not in job.logs(0)  # the mounted cache directory is usable
   summary = job.file("summary.json")
   assert summary["eval"]["accuracy"] == pytest.approx(0.975, abs=1e-9)  # README's table
   names = set(gcs.list(BUCKET, "tutorial/"))

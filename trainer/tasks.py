@@ -117,6 +117,7 @@ class Classification(Task):
 
   def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict:
     """Held-out metrics from every test example's logits; extend this to add one."""
+    labels = np.asarray(labels)  # (a language model's `TokenWindows` as well)
     losses, preds = _losses_and_predictions(logits, labels)
     loss = float(np.mean(np.asarray(losses)))
     return {"loss": loss, "accuracy": float(np.mean(np.asarray(preds) == labels))}
