@@ -70,7 +70,6 @@ class Loop:
     self._timed_steps = 0
     self._timed_seconds = 0.0
     self._last_time = None
-    self._dispatches = 0
     self._prepared = False
     self._probe: list[float] = []  # auto: seconds per step of the timed probe dispatches
     self._steps_fn = None  # the multi-step function; None: one host-fed step per call
@@ -201,9 +200,10 @@ class Loop:
         step += n
         pending = (step, n, metrics, stacked)
         progress.update(n)
-        self._dispatches += 1
-        # A counter every process advances alike, one per call (JAX's sync point needs it).
-        preempted = watcher.reached(start_step + self._dispatches)
+        # JAX's sync point is a step count some steps past the notice (every process
+        # agrees on it): each step of the dispatch is offered, and the dispatch that
+        # holds it ends in the checkpoint.
+        preempted = any([watcher.reached(done) for done in range(step - n + 1, step + 1)])
         done = step
         due = [h for h in with_state if h.fires(done, steps)]
         if not (preempted or due):
