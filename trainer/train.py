@@ -399,7 +399,7 @@ def _summary(job, state, reporter, loop, metrics, wall_time) -> dict:
       "wall_time_s": round(wall_time, 3),
       "examples_per_second": loop.examples_per_second(),
       "skipped_steps": loop.skipped_steps,
-      "steps_per_dispatch": loop.steps_per_dispatch,
+      "steps_per_dispatch": loop.steps_per_dispatch or 1,  # (auto still probing: 1)
       "data_on_device": loop.data_on_device,
       "resumed_from_step": loop.start_step,
   }
