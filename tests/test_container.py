@@ -171,9 +171,12 @@ def test_rendered_pod_runs_as_the_manifest_says(image, gcs, jobs):
   job = jobs(image, gcs, 1, JOB_ARGS, "flags")
   flags = container.pod_run_flags(job.pod, index=0, coordinator="127.0.0.1:1")
   for flag in ("--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges",
-               "--user=10001:10001", "--tmpfs=/tmp:rw,exec,mode=1777,size=16g",
-               "--stop-timeout=60", "--entrypoint=python", "--env=JAX_PROCESS_ID=0"):
+               "--user=10001:10001", "--stop-timeout=60", "--entrypoint=python",
+               "--env=JAX_PROCESS_ID=0"):
     assert flag in flags
+  for path in ("/tmp", "/var/cache/jaxjob"):  # the pod's emptyDirs: fresh, world-writable
+    (mount,) = [f for f in flags if f.startswith("--volume=") and f.endswith(f":{path}:rw")]
+    assert os.stat(mount.split("=", 1)[1].split(":")[0]).st_mode & 0o7777 == 0o1777
   assert container.image_user(image) == "10001:10001"
   job.pod["containers"][0]["securityContext"]["privileged"] = True
   with pytest.raises(ValueError, match="privileged"):
