@@ -50,14 +50,15 @@ class Faults:
 
 class _Hang(hooks.Hook):
   """Before each step: process R sleeps for good at step S (the watchdog's stack dump
-  shows `maybe_hang`). A dispatch ends before S on every process, so step S - 1 is the
-  last one to finish, whatever the steps per dispatch."""
+  shows `maybe_hang`). Dispatches end after S - 1 and S steps on every process, so the
+  last step R reads as finished is S - 1 (metrics are read one dispatch late), whatever
+  the steps per dispatch."""
 
   def __init__(self, faults: Faults):
     self._faults = faults
 
   def ends_dispatch(self, done, last):
-    return done in self._faults.hang.values()
+    return any(done in (step - 1, step) for step in self._faults.hang.values())
 
   def before_step(self, loop, step, state):
     import jax  # pylint: disable=g-import-not-at-top
