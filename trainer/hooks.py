@@ -48,11 +48,10 @@ class Hook:
     """When the loop ends (normally or not)."""
 
 
-# The log hook writes metrics.jsonl and flushes the metric writers (TensorBoard, W&B) at
-# most this often: a TensorBoard flush costs ~30 ms, its first one the ~0.5 s import of
-# tensorboardX. A checkpoint writes metrics.jsonl first, so every row up to a committed
-# step is on disk before that step can be resumed from; the end of a run flushes all.
-FLUSH_EVERY_S = 5.0
+# The log hook writes metrics.jsonl at every row, and flushes the metric writers
+# (TensorBoard, W&B) at most this often: a TensorBoard flush costs ~30 ms, its first one
+# the ~0.5 s import of tensorboardX. The end of a run flushes everything.
+WRITERS_FLUSH_EVERY_S = 5.0
 
 
 class Log(Hook):
@@ -69,7 +68,7 @@ class Log(Hook):
     row = {"step": done, **loop.values, "examples_per_s": rate, "time": time.time()}
     loop.reporter.log(row)
     last = done == loop.config.train.steps
-    loop.reporter.flush(unless_within_s=0.0 if last else FLUSH_EVERY_S)
+    loop.reporter.flush(writers_unless_within_s=0.0 if last else WRITERS_FLUSH_EVERY_S)
     loop.window = (0, 0.0)
     if loop.reporter.active and not runinfo.is_tty():
       print(runinfo.format_row(row, loop.config.train.steps), flush=True)
@@ -82,7 +81,6 @@ class Checkpoint(Hook):
     self.every = every
 
   def __call__(self, loop, done, state):
-    loop.reporter.flush(writers=False)  # the rows up to `done` on disk before it commits
     loop.ckpt.save(done, state, force=done == loop.config.train.steps)
 
 

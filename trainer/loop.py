@@ -212,7 +212,6 @@ class Loop:
         pending = None
         canonical = self.strategy.to_canonical(state)
         if preempted:
-          self.reporter.flush()  # everything: the run ends here
           self.ckpt.save(done, canonical, force=True)
           self.ckpt.close()
           raise Preempted(f"preempted: checkpoint committed at step {done}")

@@ -51,24 +51,22 @@ class Reporter:
     for writer in self._writers:
       writer.write_scalars(row["step"], scalars)
 
-  def flush(self, *, unless_within_s: float = 0.0, writers: bool = True) -> None:
+  def flush(self, *, writers_unless_within_s: float = 0.0) -> None:
     """Rewrites metrics.jsonl in one atomic write and flushes the writers.
 
-    `unless_within_s`: skip when the last flush (or the reporter's start) is more recent
-    than that: the log hook's flushes. `writers=False`: metrics.jsonl only (before a
-    checkpoint, so the rows up to it are on disk). `close` always flushes everything.
+    `writers_unless_within_s`: the writers (TensorBoard, W&B) only when their last flush
+    (or the reporter's start) is at least that long ago; metrics.jsonl always.
     """
     if not self.active:
       return
-    now = time.monotonic()
-    if unless_within_s and now - self._flushed < unless_within_s:
-      return
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
     storage.write_text(storage.path(self.workdir) / "metrics.jsonl", text)
-    if writers:
-      self._flushed = now
-      for writer in self._writers:
-        writer.flush()
+    now = time.monotonic()
+    if writers_unless_within_s and now - self._flushed < writers_unless_within_s:
+      return
+    self._flushed = now
+    for writer in self._writers:
+      writer.flush()
 
   def close(self) -> None:
     self.flush()

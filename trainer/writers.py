@@ -24,7 +24,7 @@ from trainer.errors import UserError
 
 
 def preload_tensorboard() -> None:
-  """Imports tensorboardX (~0.7 s: it loads google-cloud-storage) ahead of the first log."""
+  """Imports tensorboardX (0.3-0.5 s: it probes google-cloud-storage) ahead of its use."""
   import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
 
 
