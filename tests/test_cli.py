@@ -38,6 +38,7 @@ BAD_INPUTS = {
                                         "task classification: the data set has 0 class(es)"),
     "unlabelled_test_split": ([MOBILE, f"--config.data.path={DATA_DIR / 'test.csv'}"],
                               "no label column 'price_range'"),
+    "negative_seed": (["--config.seed=-1"], "config.seed=-1: expected an integer in [0, 2**32)"),
     "indivisible_batch": (["--config.train.batch_size=100"], "multiple of the device count"),
     "bad_process_env": ([], "JAX_PROCESS_ID=2 must be below JAX_NUM_PROCESSES=2"),
 }

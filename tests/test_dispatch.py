@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
+import jax
 import pytest
 
 from tests.conftest import ROOT, tiny_config
@@ -161,3 +163,30 @@ def test_dispatches_make_no_implicit_transfer(on_device):
     loop.run(job.step_fn, state, 16, preemption.Watcher())
   loop.watchdog.close()
   assert loop.steps_per_dispatch == 8 and loop.data_on_device is (on_device == "on")
+
+
+@pytest.mark.parametrize("strategy,on_device,function", [
+    ("sharding", "auto", "run_steps"), ("shard_map", "auto", "run_steps"),
+    ("shard_map", "off", "train_step")])
+def test_the_first_dispatch_is_compiled_once_while_the_state_is(tmp_path, strategy, on_device,
+                                                                 function):
+  lowered = []  # (function, thread) per lowering to MLIR, which every compilation starts with
+
+  def listen(event, duration, fun_name="", **_):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append((fun_name, threading.current_thread().name))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    train.train_and_evaluate(_config(strategy, on_device=on_device), str(tmp_path / "run"))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  mine = [thread for name, thread in lowered if function in name]
+  assert mine == ["jaxjob-precompile"], lowered
+  assert any("create_train_state" in name for name, _ in lowered), lowered
+
+
+def test_pmap_runs_without_precompiling(tmp_path):
+  job = train.build(_config("pmap"))
+  assert "precompile" not in job.cache
+  train.run(job, str(tmp_path / "run"))

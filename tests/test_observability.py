@@ -3,11 +3,12 @@
 import glob
 import json
 import struct
+import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 from trainer import profiling
 from trainer import train
 from trainer import writers
@@ -93,6 +94,40 @@ def test_tensorboard_only_by_default(tmp_path):
   made[0].write_scalars(1, {"loss": 0.5})
   made[0].close()
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+
+
+_WITHOUT_CLIENTS = """
+import sys
+from trainer import writers
+tensorboardx = writers.import_tensorboardx()
+print(tensorboardx.record_writer.GCS_ENABLED, "google.cloud.storage" in sys.modules)
+from google.cloud import storage  # afterwards, as usual
+print(storage.Client.__name__)
+"""
+_OTHER_THREAD = """
+import sys, threading
+from trainer import writers
+refuse = writers._RefusedOnThread({"google.cloud.storage"})
+sys.meta_path.insert(0, refuse)
+try:
+  from google.cloud import storage
+except ImportError:
+  print("refused")
+imported = []
+thread = threading.Thread(target=lambda: imported.append(__import__("google.cloud.storage")))
+thread.start()
+thread.join()
+print(sys.modules["google.cloud.storage"].Client.__name__)
+"""
+
+
+@pytest.mark.parametrize("script,expected", [(_WITHOUT_CLIENTS, "False False Client"),
+                                             (_OTHER_THREAD, "refused Client")])
+def test_tensorboardx_is_imported_without_its_cloud_clients(script, expected):
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == expected.split()
 
 
 @pytest.mark.parametrize("port", [-1, 65536, "6009", 1.5])

@@ -166,3 +166,12 @@ def test_long_run_on_eight_devices_does_not_deadlock(tmp_path, strategy):
                        parallel__strategy=strategy)
   summary = train.train_and_evaluate(config, str(tmp_path / strategy))
   assert summary["final_step"] == 800 and summary["eval"]["accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("seed", [7, 2**31])  # 2**31: past int32, the key is made eagerly
+def test_the_initial_state_is_made_from_the_seeds_key(seed):
+  job = train.build(tiny_config(seed=seed))
+  expected = train.create_train_state(jax.random.PRNGKey(seed), model=job.model, tx=job.tx,
+                                      example_x=job.dataset.example_x())
+  for got, want in zip(jax.tree.leaves(job.state), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

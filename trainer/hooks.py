@@ -49,8 +49,9 @@ class Hook:
 
 
 # The log hook writes metrics.jsonl at every row, and flushes the metric writers
-# (TensorBoard, W&B) at most this often: a TensorBoard flush costs ~30 ms, its first one
-# the ~0.5 s import of tensorboardX. The end of a run flushes everything.
+# (TensorBoard, W&B) at most this often: a TensorBoard flush costs ~30 ms, and its first
+# one waits for tensorboardX's import if the preload has not finished it. The end of a
+# run flushes everything.
 WRITERS_FLUSH_EVERY_S = 5.0
 
 

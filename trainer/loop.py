@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import threading
 import time
 
 import jax
@@ -44,6 +45,59 @@ AUTO_TARGET_S = 0.05  # auto: a dispatch lasts about this long
 AUTO_CAPACITY = 128  # auto with the split on the devices: the most steps per dispatch
 AUTO_HOST_MAX_STEP_S = 0.01  # auto, host-fed: longer steps keep one step per dispatch
 PROBE_DISPATCHES = 4  # auto: single-step dispatches before K is picked (the 1st compiles)
+
+
+def split_to_hold(config, dataset) -> dict | None:
+  """The training split the devices hold under `config.train.data_on_device`, or None."""
+  cfg = config.train
+  split = dataset.in_memory_split()
+  if cfg.data_on_device == "off" or split is None:
+    return None
+  if cfg.data_on_device == "auto":
+    nbytes = sum(a.nbytes for a in split.values())
+    limit = device_memory_bytes()
+    if nbytes > cfg.data_on_device_max_mb * 2**20 or (limit and nbytes > limit // 4):
+      return None
+  return split
+
+
+def precompile(job, abstract_state) -> None:
+  """Compiles the function of a run's first dispatch on a background thread.
+
+  `build` calls this before the initial state's own compilation: XLA compiles without
+  holding the GIL, so the two compilations overlap, and the first dispatch finds its
+  function in JAX's caches (arguments with the same shapes, types and shardings hit
+  them). The first dispatch is a few steps over the split on the devices, or, host-fed,
+  one step (`Loop._prepare`). Nothing is done for pmap, whose state is laid out per
+  device, nor for host-fed data with several steps per dispatch. An error is left for
+  the first dispatch to raise. `Loop._prepare` waits for the thread (`job.cache`).
+  """
+  cfg = job.config.train
+  split = split_to_hold(job.config, job.dataset)
+  if not job.strategy.precompiles or (split is None and cfg.steps_per_dispatch > 1):
+    return
+  strategy, rows = job.strategy, cfg.batch_size // jax.process_count()
+
+  def compile_first_dispatch():
+    try:
+      if split is not None:
+        indices = np.zeros((cfg.steps_per_dispatch or AUTO_CAPACITY, rows), np.int32)
+        xs = strategy.steps_input({"i": indices}, cfg.batch_size)["i"]
+        args = (abstract_state, xs, strategy.steps_count(1), job.device_split())
+        job.steps_fn(on_device=True).lower(*args).compile()
+      else:
+        indices = data.process_batch_indices(job.config.seed, 0, cfg.batch_size,
+                                             job.dataset.num_train, jax.process_index(),
+                                             jax.process_count())
+        batch = strategy.batch(job.dataset.train_batch(indices), cfg.batch_size)
+        job.step_fn.lower(abstract_state, batch).compile()
+    except Exception:  # pylint: disable=broad-except
+      log.debug("precompiling the first dispatch failed", exc_info=True)
+
+  thread = threading.Thread(target=compile_first_dispatch, name="jaxjob-precompile",
+                            daemon=True)
+  job.cache["precompile"] = thread
+  thread.start()
 
 
 class Loop:
@@ -100,23 +154,19 @@ class Loop:
 
   def _split_on_device(self) -> dict | None:
     """The training split to hold on the devices, or None (host-fed), by the config."""
-    cfg = self.config.train
-    split = self.dataset.in_memory_split()
     host_reader = self.read_batch != self._read_batch  # wrapped (fault injection)
-    if cfg.data_on_device == "off" or split is None or self._batches is not None or host_reader:
+    if self._batches is not None or host_reader:
       return None  # (batches=: the caller feeds device batches, one step per dispatch)
-    if cfg.data_on_device == "auto":
-      nbytes = sum(a.nbytes for a in split.values())
-      limit = device_memory_bytes()
-      if nbytes > cfg.data_on_device_max_mb * 2**20 or (limit and nbytes > limit // 4):
-        return None
-    return split
+    return split_to_hold(self.config, self.dataset)
 
   def _prepare(self) -> None:
     """Picks how batches reach the step and the dispatch function (once per Loop)."""
     if self._prepared:
       return
     self._prepared = True
+    precompiling = self.job.cache.pop("precompile", None)
+    if precompiling is not None:
+      precompiling.join()  # it fills the job's cache; the dispatches wait for it anyway
     k = self.config.train.steps_per_dispatch
     self.data_on_device = self._split_on_device() is not None
     if self.data_on_device:

@@ -108,6 +108,7 @@ class DataParallel:
   """jit + NamedSharding over the (`data`, `fsdp`) mesh."""
 
   name = "sharding"
+  precompiles = True  # `loop.precompile` can predict the first dispatch's arguments
 
   def __init__(self, data: int = -1, fsdp: int = 1):
     data, fsdp = mesh_shape(data, fsdp, jax.device_count())
@@ -138,9 +139,22 @@ class DataParallel:
     return jax.tree.map(lambda x: NamedSharding(self.mesh, state_spec(x.shape, self.fsdp)),
                         abstract_tree)
 
-  def init_state(self, init_fn, *args):
-    """Runs `init_fn(*args)` with its outputs created already sharded by the rule."""
-    self.state_shardings = self.shardings_for(jax.eval_shape(init_fn, *args))
+  def plan_state(self, init_fn, *args):
+    """What `init_state(init_fn, *args)` will return, as ShapeDtypeStructs with their
+    shardings (by the rule), without running it; `init_state` then uses these shardings."""
+    abstract = jax.eval_shape(init_fn, *args)
+    self.state_shardings = self.shardings_for(abstract)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s,
+                                                          weak_type=a.weak_type),
+                        abstract, self.state_shardings)
+
+  def init_state(self, init_fn, *args, planned: bool = False):
+    """Runs `init_fn(*args)` with its outputs created already sharded by the rule.
+
+    `planned`: `plan_state(init_fn, *args)` ran last, so its shardings stand.
+    """
+    if not planned:
+      self.plan_state(init_fn, *args)
     return jax.jit(init_fn, out_shardings=self.state_shardings)(*args)
 
   def batch(self, local: dict[str, np.ndarray], global_size: int) -> dict[str, jax.Array]:
@@ -265,6 +279,7 @@ class Pmap(DataParallel):
   """jax.pmap over local devices; gradients averaged with an explicit lax.pmean."""
 
   name = "pmap"
+  precompiles = False  # the first dispatch's state is `to_device`'s copies
 
   def __init__(self, data: int = -1, fsdp: int = 1):
     super().__init__(data, fsdp)

@@ -7,7 +7,6 @@ go to the metric writers of `trainer.writers` (TensorBoard; W&B when configured)
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import threading
 import time
@@ -15,6 +14,7 @@ import time
 import jax
 import numpy as np
 
+from trainer import plotting
 from trainer import storage
 from trainer import writers as writers_lib
 
@@ -28,6 +28,7 @@ class Reporter:
     self.rows: list[dict] = []
     self._writers: list[writers_lib.MetricWriter] = []
     self._flushed = time.monotonic()  # of the last full flush (the writers' too)
+    self._plot: plotting.Pending | None = None  # started by plot_history
     if workdir is None:
       return
     metrics_path = storage.path(workdir) / "metrics.jsonl"
@@ -69,6 +70,7 @@ class Reporter:
       writer.flush()
 
   def close(self) -> None:
+    self.write_plot()
     self.flush()
     for writer in self._writers:
       writer.close()
@@ -83,44 +85,31 @@ class Reporter:
       storage.write_text(storage.path(self.workdir) / relative, text)
 
   def plot_history(self, eval_rows: list[dict], metric: str = "accuracy") -> None:
-    """plots/history.png: training loss and train/held-out `metric` against step."""
+    """Starts drawing plots/history.png: training loss and train/held-out `metric` by step.
+
+    The plotter process (`trainer.plotting`) draws it if one was started; `write_plot`
+    (or `close`) waits for it and writes the file.
+    """
     if not self.active:
       return
-    steps = [r["step"] for r in self.rows]
-    plt = import_pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(steps, [r["loss"] for r in self.rows], label="train")
-    ax_loss.set(xlabel="step", ylabel="loss", title="Loss history")
-    ax_acc.plot(steps, [r.get(metric) for r in self.rows], label="train")
-    if eval_rows:
-      ax_acc.plot([r["step"] for r in eval_rows], [r.get(metric) for r in eval_rows], "o-",
-                  label="held-out")
-      ax_loss.plot([r["step"] for r in eval_rows], [r["loss"] for r in eval_rows], "o-",
-                   label="held-out")
-    ax_acc.set(xlabel="step", ylabel=metric, title=metric.capitalize())
-    for ax in (ax_loss, ax_acc):
-      ax.grid(alpha=0.3)
-      ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(storage.path(self.workdir) / "plots" / "history.png", buffer.getvalue())
+    spec = plotting.history_spec(self.rows, eval_rows, metric)
+    plotter = plotting.started()
+    self._plot = (plotter.submit(spec) if plotter is not None
+                  else plotting.Pending(None, spec))
 
-
-def import_pyplot():
-  # matplotlib loads only where a plot is drawn (~1 s): `preload` starts it early.
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+  def write_plot(self) -> None:
+    """Writes the plot `plot_history` started, once."""
+    if self._plot is not None:
+      pending, self._plot = self._plot, None
+      storage.write_bytes(storage.path(self.workdir) / "plots" / "history.png",
+                          pending.result())
 
 
 def preload(*imports) -> None:
   """Runs the `imports` (callables) in order on a daemon thread.
 
-  A run's writers, checkpointing and plot need modules that take seconds to import
-  (tensorboardX pulls in google-cloud-storage, Orbax, matplotlib); imported here, they
+  A run's writers and checkpointing need modules that take a while to import
+  (tensorboardX pulls in google-cloud-storage; Orbax); imported here, they
   load while the main thread reads data, compiles and waits on the devices (which
   releases the GIL). Whoever needs one first waits for it on Python's import lock.
   """

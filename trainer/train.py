@@ -19,6 +19,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from trainer import checkpoint
@@ -26,9 +27,11 @@ from trainer import compile_cache
 from trainer import data
 from trainer import distributed
 from trainer import lease
+from trainer import loop as loop_lib
 from trainer import models
 from trainer import optimizers
 from trainer import parallel
+from trainer import plotting
 from trainer import preemption
 from trainer import profiling
 from trainer import report
@@ -59,6 +62,19 @@ def create_train_state(rng, *, model: models.Model, tx, example_x,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng, ema_params=jax.tree.map(jnp.copy, params) if ema else None,
                     model_state=model_state)
+
+
+def _seeded(init, seed):
+  """(fn, arg) with `fn(arg) == init(jax.random.PRNGKey(seed))`.
+
+  A seed below 2**31 (any config's, in practice) becomes its key inside the
+  compiled init: made eagerly, the key costs two compilations of its own.
+  """
+  if seed < 2**31:
+    def create_train_state_from_seed(s):
+      return init(jax.random.PRNGKey(s))
+    return create_train_state_from_seed, np.int32(seed)
+  return init, jax.random.PRNGKey(seed)
 
 
 def _l2(params, mask) -> jax.Array:
@@ -142,6 +158,9 @@ def eval_params(state: TrainState):
 
 
 def _validate(config) -> None:
+  seed = config.seed
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    raise UserError(f"config.seed={seed!r}: expected an integer in [0, 2**32)")
   for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
               "grad_accum_steps"):
     value = config.train[key]
@@ -252,12 +271,17 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
   l2 = 0.0 if optimizers.decoupled(config) else float(config.optimizer.weight_decay)
   init = functools.partial(create_train_state, model=model, tx=tx,
                            example_x=dataset.example_x(), ema=config.train.ema_decay > 0)
-  state = strategy.init_state(init, jax.random.PRNGKey(config.seed))
+  init, seed = _seeded(init, config.seed)
+  abstract_state = strategy.plan_state(init, seed)
   step = functools.partial(train_step, model=model, task=task, tx=tx, schedule=schedule, l2=l2,
                            mask=optimizers.weight_decay_mask(config),
                            accum_steps=accum, ema_decay=config.train.ema_decay)
-  return Job(config, dataset, task, model, strategy, tx, schedule, state, step,
-             strategy.compile_step(step), list(hooks))
+  job = Job(config, dataset, task, model, strategy, tx, schedule, None, step,
+            strategy.compile_step(step), list(hooks))
+  # The first dispatch's function compiles on another thread while the state's does.
+  loop_lib.precompile(job, abstract_state)
+  job.state = strategy.init_state(init, seed, planned=True)
+  return job
 
 
 def train_and_evaluate(config, workdir: str | None = None, allow_config_change: bool = False,
@@ -284,10 +308,11 @@ def train_and_evaluate(config, workdir: str | None = None, allow_config_change: 
     raise Preempted("preempted during start-up, before any step: nothing new to save")
   watcher = preemption.Watcher()
   # Modules the run needs later load in the background while data loads and compiles,
-  # in the order they are needed.
+  # in the order they are needed; matplotlib in a process of its own (`trainer.plotting`).
   main = jax.process_index() == 0  # the process that logs and plots
-  report.preload(checkpoint.import_orbax,
-                 *([writers.preload_tensorboard, report.import_pyplot] if main else []))
+  if main:
+    plotting.start()
+  report.preload(checkpoint.import_orbax, *([writers.preload_tensorboard] if main else []))
   try:
     job = build(config, model=model, dataset=dataset, task=task, hooks=hooks)
     return run(job, workdir, allow_config_change, watcher=watcher, start_time=start_time)
@@ -303,6 +328,8 @@ def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
   its end, whatever the end: a second run of the same workdir meanwhile is refused. A job
   runs once: its first step donates `job.state` to the compiled step; `build` another.
   """
+  if jax.process_index() == 0:
+    plotting.start()  # matplotlib loads in its own process while the run trains
   writer = lease.Lease()
   try:
     return _run(job, workdir, allow_config_change, writer, watcher, start_time)
@@ -344,6 +371,7 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
     # The final evaluation, report and plot run while the last save commits.
     metrics = _final_report(job, state, reporter, loop)
     ckpt.close()  # A failed last save is recorded in run.json like any other failure.
+    reporter.write_plot()  # drawn meanwhile by the plotter process
     summary = _summary(job, state, reporter, loop, metrics, time.time() - start_time)
   except BaseException as e:
     failed = True

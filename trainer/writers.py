@@ -14,18 +14,54 @@ A writer has `write_scalars(step, scalars)`, `flush()` and `close()`. Process 0'
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
 import os
 import shutil
+import sys
 import tempfile
+import threading
 from typing import Protocol
 
 from trainer import storage
 from trainer.errors import UserError
 
 
+# Clients tensorboardX imports, if installed, for its own gs:// and s3:// writers, which
+# `TensorBoardWriter` never uses: it writes locally (and copies gs:// event files up).
+_TENSORBOARDX_SKIPS = ("google.cloud.storage", "boto3")
+
+
+class _RefusedOnThread(importlib.abc.MetaPathFinder):
+  """Makes imports of `names` fail, only for those made on the thread that made this."""
+
+  def __init__(self, names):
+    self.names, self.thread = frozenset(names), threading.current_thread()
+
+  def find_spec(self, fullname, path=None, target=None):  # pylint: disable=unused-argument
+    if fullname in self.names and threading.current_thread() is self.thread:
+      raise ModuleNotFoundError(f"{fullname}: not needed by tensorboardX here", name=fullname)
+    return None  # the usual finders decide
+
+
+def import_tensorboardx():
+  """tensorboardX, imported without probing the cloud clients it does not need here.
+
+  Its module-level probe of google-cloud-storage costs 0.13-0.3 s of CPU (more than the
+  rest of tensorboardX). Other threads import those clients as usual meanwhile, and one
+  already imported is used as is.
+  """
+  refuse = _RefusedOnThread(_TENSORBOARDX_SKIPS)
+  sys.meta_path.insert(0, refuse)
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.meta_path.remove(refuse)
+  return tensorboardX
+
+
 def preload_tensorboard() -> None:
-  """Imports tensorboardX (0.3-0.5 s: it probes google-cloud-storage) ahead of its use."""
-  import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
+  """Imports tensorboardX ahead of its first use (`report.preload`)."""
+  import_tensorboardx()
 
 
 class MetricWriter(Protocol):
@@ -59,8 +95,7 @@ class TensorBoardWriter:
 
   def flush(self):
     if self._pending and self._tb is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(self._local, flush_secs=60)
+      self._tb = import_tensorboardx().SummaryWriter(self._local, flush_secs=60)
     for step, scalars in self._pending:
       for key, value in scalars.items():
         self._tb.add_scalar(key, value, step)
