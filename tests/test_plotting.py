@@ -41,10 +41,11 @@ def test_the_child_draws_the_same_png_as_the_run_would(plotter):
     assert image.format == "PNG" and image.size == (1000, 400)
 
 
-def test_answers_come_back_in_the_order_asked(plotter):
+def test_each_answer_goes_to_its_own_request(plotter):
   other = plotting.history_spec(ROWS[:3], [], "loss")
-  pending = [plotter.submit(SPEC), plotter.submit(other)]
-  assert [p.result() for p in pending] == [plotting.draw(SPEC), plotting.draw(other)]
+  first, second = plotter.submit(SPEC), plotter.submit(other)
+  assert second.result() == plotting.draw(other)  # reads the first's answer and keeps it
+  assert first.result() == plotting.draw(SPEC)
   assert plotter.served == 2
 
 
@@ -75,11 +76,12 @@ def test_a_stuck_child_is_given_up_after_the_timeout(plotter):
     os.kill(pid, 0)
 
 
-def test_an_error_in_the_child_is_raised_here(plotter):
+def test_an_error_in_the_child_is_raised_here_and_the_child_serves_on(plotter):
   bad = {**SPEC, "metric": None}  # None.capitalize()
   with pytest.raises(AttributeError):
     plotter.submit(bad).result()
-  assert not plotter.alive()
+  assert plotter.alive() and plotter.served == 0
+  assert plotter.submit(SPEC).result() == plotting.draw(SPEC) and plotter.served == 1
 
 
 def test_the_child_ignores_the_signals_its_process_group_gets(plotter):
@@ -117,3 +119,17 @@ def test_a_run_has_its_plot_drawn_by_the_plotter(tmp_path):
   held_out = json.loads((workdir / "eval" / "history.json").read_text())
   expected = plotting.draw(plotting.history_spec(rows, held_out, "accuracy"))
   assert (workdir / "plots" / "history.png").read_bytes() == expected
+
+
+def test_a_child_without_matplotlib_exits_quietly_and_the_run_draws(tmp_path, monkeypatch, capfd):
+  broken = tmp_path / "matplotlib"
+  broken.mkdir()
+  (broken / "__init__.py").write_text("raise ImportError('no matplotlib in this child')\n")
+  monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+  plotter = plotting.Plotter()
+  try:
+    assert plotter.proc.wait(timeout=60) == 0
+    assert plotter.submit(SPEC).result() == plotting.draw(SPEC) and plotter.served == 0
+  finally:
+    plotter.stop()
+  assert "Traceback" not in capfd.readouterr().err

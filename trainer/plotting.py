@@ -8,8 +8,8 @@ returns at once; `Pending.result` waits for the PNG. The child serves every run 
 process that started it and exits when that process closes its stdin (or dies).
 
 Drawing in the run's own process is the fallback, with the same function, so the plot
-is always written: when the child cannot start, has died, answers with an error, or
-takes longer than `timeout_s`. No child is started before `start()`, so a caller that
+is always written, or the error is the run's own: when the child cannot start, has
+died, answers with an error, or takes longer than `timeout_s`. No child is started before `start()`, so a caller that
 never starts one draws in-process.
 
 Protocol (one request, one answer, in order): the parent writes one JSON line
@@ -91,12 +91,17 @@ class Pending:
 
 
 class Plotter:
-  """The child process (see the module docstring); `served` counts its answers."""
+  """The child process (see the module docstring); `served` counts its PNG answers.
+
+  Safe to share between threads: each answer goes to the request it names.
+  """
 
   def __init__(self):
     self.served = 0
     self._sent = 0  # requests numbered 1, 2, ...
     self._buffer = b""
+    self._answers: dict[int, bytes | None] = {}  # read, not yet collected (None: an error)
+    self._lock = threading.Lock()
     code = (f"import sys; sys.path.insert(0, {_ROOT!r}); "
             "from trainer import plotting; plotting.serve()")
     try:
@@ -111,38 +116,50 @@ class Plotter:
 
   def submit(self, spec: dict) -> Pending:
     """Sends `spec` to the child; if it cannot take it, the plot is drawn here instead."""
-    if self.alive():
-      try:
-        self.proc.stdin.write((json.dumps({**spec, "request": self._sent + 1}) + "\n").encode())
-        self.proc.stdin.flush()
-        self._sent += 1
-        return Pending(self, spec, self._sent)
-      except OSError:  # the child died: its stdin is a broken pipe
-        self.stop()
+    with self._lock:
+      if self.alive():
+        try:
+          line = json.dumps({**spec, "request": self._sent + 1}) + "\n"
+          self.proc.stdin.write(line.encode())
+          self.proc.stdin.flush()
+          self._sent += 1
+          return Pending(self, spec, self._sent)
+        except OSError:  # the child died: its stdin is a broken pipe
+          self._stop()
     return Pending(None, spec)
 
   def receive(self, request: int, timeout_s: float) -> bytes | None:
-    """The PNG answering `request`; None (and the child stopped) if it fails.
-
-    Answers to earlier requests nobody collected are read and dropped.
-    """
+    """The PNG answering `request`, or None: the child reported an error drawing it, or
+    (the child then stopped) it timed out, exited or wrote something unreadable."""
     deadline = time.monotonic() + timeout_s
-    while self.proc is not None:
-      if not self._read_until(lambda: b"\n" in self._buffer, deadline):
-        break
-      head, self._buffer = self._buffer.split(b"\n", 1)
-      status, number, value = (head.decode(errors="replace").split(" ", 2) + ["", ""])[:3]
-      if status != "ok" or not (number.isdigit() and value.isdigit()):
-        break  # an error answer: the fallback draws here and raises what the child hit
-      size = int(value)
-      if not self._read_until(lambda: len(self._buffer) >= size, deadline):
-        break
-      png, self._buffer = self._buffer[:size], self._buffer[size:]
-      if int(number) == request:
-        self.served += 1
-        return png
-    self.stop()  # an error answer, a timeout or an early exit
-    return None
+    with self._lock:
+      while request not in self._answers:
+        answer = self._read_answer(deadline) if self.proc is not None else None
+        if answer is None:
+          self._stop()
+          return None
+        self._answers.update([answer])
+      png = self._answers.pop(request)
+      self.served += png is not None
+      return png
+
+  def _read_answer(self, deadline: float) -> tuple[int, bytes | None] | None:
+    """(request, PNG or None for an error answer) read from the child; None if none."""
+    if not self._read_until(lambda: b"\n" in self._buffer, deadline):
+      return None
+    head, self._buffer = self._buffer.split(b"\n", 1)
+    status, number, value = (head.decode(errors="replace").split(" ", 2) + ["", ""])[:3]
+    if not number.isdigit():
+      return None
+    if status == "error":
+      return int(number), None
+    if status != "ok" or not value.isdigit():
+      return None
+    size = int(value)
+    if not self._read_until(lambda: len(self._buffer) >= size, deadline):
+      return None
+    png, self._buffer = self._buffer[:size], self._buffer[size:]
+    return int(number), png
 
   def _read_until(self, done, deadline: float) -> bool:
     stdout = self.proc.stdout.fileno()
@@ -157,6 +174,11 @@ class Plotter:
     return True
 
   def stop(self) -> None:
+    """Closes the child's stdin and waits for it to exit (kills it after 5 s)."""
+    with self._lock:
+      self._stop()
+
+  def _stop(self) -> None:
     if self.proc is None:
       return
     proc, self.proc = self.proc, None
@@ -201,7 +223,10 @@ def serve(stdin=None, stdout=None) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   stdin, stdout = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
-  _import_matplotlib()
+  try:
+    _import_matplotlib()
+  except Exception:  # pylint: disable=broad-except
+    return  # the parent draws in-process, where the same import fails with its own error
   for line in stdin:
     request = None
     try:
