@@ -175,3 +175,15 @@ def test_the_initial_state_is_made_from_the_seeds_key(seed):
                                       example_x=job.dataset.example_x())
   for got, want in zip(jax.tree.leaves(job.state), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_resumed_run_never_makes_the_initial_state(tmp_path):
+  workdir = str(tmp_path / "run")
+  cadence = dict(train__checkpoint_every=30, train__eval_every=30)
+  train.train_and_evaluate(tiny_config(train__steps=60, **cadence), workdir)
+  job = train.build(tiny_config(train__steps=90, **cadence))
+  made, make = [], job.make_state
+  job.make_state = lambda: made.append(1) or make()
+  summary = train.run(job, workdir, allow_config_change=True)
+  assert made == [] and summary["resumed_from_step"] == 60 and summary["final_step"] == 90
+  assert job.state is not None and made == [1]  # made when asked for

@@ -196,12 +196,30 @@ class Job:
   strategy: parallel.DataParallel
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  state: TrainState  # the initial state, canonical (sharded by the strategy's rule)
   train_step: Any  # train_step with every keyword bound: (state, batch) -> (state, metrics)
   step_fn: Any  # train_step compiled by the strategy (donates the state)
   hooks: list = dataclasses.field(default_factory=list)
+  # The initial state's shapes, dtypes and shardings, and the function that makes it.
+  abstract_state: Any = None
+  make_state: Any = dataclasses.field(default=None, repr=False)
   # Compiled multi-step functions and the split on the devices, made on first use.
   cache: dict = dataclasses.field(default_factory=dict, repr=False)
+  _state: Any = dataclasses.field(default=None, init=False, repr=False)
+
+  @property
+  def state(self) -> TrainState:
+    """The initial state, canonical (sharded by the strategy's rule), made on first use.
+
+    `run` restores a checkpoint into `abstract_state` when there is one, so a resumed
+    run never compiles or runs the initialiser.
+    """
+    if self._state is None and self.make_state is not None:
+      self._state = self.make_state()
+    return self._state
+
+  @state.setter
+  def state(self, value: TrainState) -> None:
+    self._state = value
 
   def steps_fn(self, on_device: bool):
     """`train_step` compiled to run several steps per call (`parallel.run_steps`)."""
@@ -234,6 +252,9 @@ def _as_model(model, config, num_outputs) -> models.Model:
 
 def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
   """Data, task, model, strategy, optimiser, initial state and compiled step of a config.
+
+  The initial state is made at the first use of `job.state` (a resumed `run` never
+  makes it); its shapes and shardings are `job.abstract_state` at once.
 
   Args:
     config: the run's ml_collections config (schema: `trainer/configs/base.py`).
@@ -276,11 +297,11 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
   step = functools.partial(train_step, model=model, task=task, tx=tx, schedule=schedule, l2=l2,
                            mask=optimizers.weight_decay_mask(config),
                            accum_steps=accum, ema_decay=config.train.ema_decay)
-  job = Job(config, dataset, task, model, strategy, tx, schedule, None, step,
-            strategy.compile_step(step), list(hooks))
-  # The first dispatch's function compiles on another thread while the state's does.
+  job = Job(config, dataset, task, model, strategy, tx, schedule, step,
+            strategy.compile_step(step), list(hooks), abstract_state,
+            functools.partial(strategy.init_state, init, seed, planned=True))
+  # The first dispatch's function compiles on another thread meanwhile.
   loop_lib.precompile(job, abstract_state)
-  job.state = strategy.init_state(init, seed, planned=True)
   return job
 
 
@@ -352,7 +373,9 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
   ckpt = checkpoint.Checkpointer(storage.path(workdir) / "checkpoints",
                                  save_every=config.train.checkpoint_every,
                                  keep=config.train.keep_checkpoints)
-  restored, start_step = ckpt.restore_latest(checkpoint.abstract(job.state))
+  target = (job.abstract_state if job.abstract_state is not None
+            else checkpoint.abstract(job.state))
+  restored, start_step = ckpt.restore_latest(target)
   state = restored if restored is not None else job.state
   is_main = jax.process_index() == 0
   reporter = report.Reporter(workdir if is_main else None, start_step, config)
