@@ -5,7 +5,9 @@ start-up, so a background thread cannot hide it. `start()` launches a Python chi
 running `serve` when a run starts: the child imports matplotlib on another core while
 the run loads data and compiles, then draws each history it is sent. `Plotter.submit`
 returns at once; `Pending.result` waits for the PNG. The child serves every run of the
-process that started it and exits when that process closes its stdin (or dies).
+process that started it and exits when that process closes its stdin (or dies). Its
+stderr goes nowhere: whatever fails there fails again, and is reported, in the run's
+process, and the run's stderr pipe does not wait for the child.
 
 Drawing in the run's own process is the fallback, with the same function, so the plot
 is always written, or the error is the run's own: when the child cannot start, has
@@ -107,7 +109,7 @@ class Plotter:
     try:
       self.proc = subprocess.Popen(
           [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-          env={**os.environ, "MPLBACKEND": "Agg"})
+          stderr=subprocess.DEVNULL, env={**os.environ, "MPLBACKEND": "Agg"})
     except OSError:
       self.proc = None
 
