@@ -11,8 +11,8 @@ process, and the run's stderr pipe does not wait for the child.
 
 Drawing in the run's own process is the fallback, with the same function, so the plot
 is always written, or the error is the run's own: when the child cannot start, has
-died, answers with an error, or takes longer than `timeout_s`. No child is started before `start()`, so a caller that
-never starts one draws in-process.
+died, answers with an error, or takes longer than `timeout_s`. No child is started
+before `start()`, so a caller that never starts one draws in-process.
 
 Protocol (one request, one answer, in order): the parent writes one JSON line
 `{"train": {...}, "eval": {...}, "metric": name, "request": i}` (i = 1, 2, ...); the child

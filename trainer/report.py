@@ -108,8 +108,8 @@ class Reporter:
 def preload(*imports) -> None:
   """Runs the `imports` (callables) in order on a daemon thread.
 
-  A run's writers and checkpointing need modules that take a while to import
-  (tensorboardX pulls in google-cloud-storage; Orbax); imported here, they
+  A run's checkpointing and writers need modules that take a while to import (Orbax,
+  tensorboardX); imported here, they
   load while the main thread reads data, compiles and waits on the devices (which
   releases the GIL). Whoever needs one first waits for it on Python's import lock.
   """
