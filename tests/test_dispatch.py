@@ -190,3 +190,11 @@ def test_pmap_runs_without_precompiling(tmp_path):
   job = train.build(_config("pmap"))
   assert "precompile" not in job.cache
   train.run(job, str(tmp_path / "run"))
+
+
+def test_a_process_that_builds_and_exits_at_once_exits_cleanly():
+  script = ("from tests.conftest import tiny_config\nfrom trainer import train\n"
+            "train.build(tiny_config())\n")  # the first dispatch is still compiling here
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]

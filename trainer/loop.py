@@ -94,8 +94,9 @@ def precompile(job, abstract_state) -> None:
     except Exception:  # pylint: disable=broad-except
       log.debug("precompiling the first dispatch failed", exc_info=True)
 
-  thread = threading.Thread(target=compile_first_dispatch, name="jaxjob-precompile",
-                            daemon=True)
+  # Not a daemon: Python's exit waits for it. A daemon thread still inside XLA's compiler
+  # when the interpreter finalises aborts the process (an early exit 2 did so).
+  thread = threading.Thread(target=compile_first_dispatch, name="jaxjob-precompile")
   job.cache["precompile"] = thread
   thread.start()
 
