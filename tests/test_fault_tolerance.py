@@ -208,11 +208,16 @@ def test_watchdog_catches_a_stuck_peer(tmp_path):
   print(f"both exited after {elapsed:.1f} s: {[p.returncode for p in procs]}")
   # SIGABRT (a shell reports 134): a signal death, which launchers restart.
   assert all(p.returncode == -signal.SIGABRT for p in procs), [o[-1500:] for o in outputs]
+  # Both ranks last saw a step finish at about the same moment, so either watchdog can
+  # fire first; the coordination service then aborts the other rank.
+  fired = [o for o in outputs if "watchdog: no training step finished" in o]
+  assert fired, [o[-1500:] for o in outputs]
+  assert all("Thread" in o for o in fired)  # each firing watchdog dumps every stack
   stuck = outputs[1]
-  # Rank 1 sleeps before dispatching step index 30; with metrics read one step late,
-  # the last step it saw finish is 29.
-  assert "watchdog: no training step finished" in stuck and "last finished step 29" in stuck
-  assert "Thread" in stuck and "maybe_hang" in stuck  # the stack dump shows where
+  if stuck in fired:
+    # Rank 1 sleeps before dispatching step index 30; with metrics read one step late,
+    # the last step it saw finish is 29, and its stack dump shows where it sleeps.
+    assert "last finished step 29" in stuck and "maybe_hang" in stuck
 
 
 def _nan_config(**overrides):

@@ -39,7 +39,7 @@ from trainer import runinfo
 from trainer import storage
 from trainer import tasks
 from trainer import writers
-from trainer.errors import Preempted, UserError
+from trainer.errors import Preempted, StorageError, UserError
 from trainer.loop import Loop
 
 make_optimizer = optimizers.make
@@ -388,7 +388,7 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
   own_watcher = watcher is None
   watcher = preemption.Watcher() if own_watcher else watcher
   loop = Loop(job, ckpt, reporter, hooks=job.hooks)
-  failed = False
+  failed = None  # the run's error, if it fails
   try:
     state = loop.run(job.step_fn, strategy.to_device(state), start_step, watcher)
     # The final evaluation, report and plot run while the last save commits.
@@ -397,19 +397,43 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
     reporter.write_plot()  # drawn meanwhile by the plotter process
     summary = _summary(job, state, reporter, loop, metrics, time.time() - start_time)
   except BaseException as e:
-    failed = True
-    record.finish(getattr(e, "exit_code", 1), f"{type(e).__name__}: {e}")
+    failed = e
+    error = _save_failure_behind(e, ckpt)
+    record.finish(getattr(error, "exit_code", 1), f"{type(error).__name__}: {error}")
+    if error is not e:
+      raise error from e
     raise
   finally:
     closers = [loop.watchdog.close, ckpt.close, reporter.close]
-    _close_all(closers + ([watcher.close] if own_watcher else []), reraise=not failed)
+    _close_all(closers + ([watcher.close] if own_watcher else []), reraise=failed is None,
+               failure=failed)
   record.finish(0, "completed")
   return summary
 
 
-def _close_all(closers, *, reraise: bool) -> None:
+def _save_failure_behind(error: BaseException, ckpt) -> BaseException:
+  """The failure of the checkpoint save in flight, when `error` is a storage failure too.
+
+  A save that fills the disk (or loses the bucket) in the background makes the next
+  write of anything else fail as well, often before the save reports. The save's
+  failure is the one the user needs: it names the step lost and the last committed one.
+  """
+  if isinstance(error, StorageError) or not storage.is_storage_error(error):
+    return error
+  try:
+    ckpt.close()  # waits for the save in flight
+  except StorageError as save_error:
+    return save_error
+  except Exception:  # pylint: disable=broad-except
+    pass  # not a storage failure of the save: the run's own error stands
+  return error
+
+
+def _close_all(closers, *, reraise: bool, failure: BaseException | None = None) -> None:
   """Calls every closer. Their first error is raised after all ran, unless the run already
-  failed: then the run's own error (its exit code and run.json reason) is the one that counts."""
+  failed (`failure`): then the run's own error (its exit code and run.json reason) is the
+  one that counts, and a closer's is a warning, or only logged at debug level when both
+  are storage failures (the same full disk or lost bucket, already on stderr)."""
   first = None
   for close in closers:
     try:
@@ -419,7 +443,10 @@ def _close_all(closers, *, reraise: bool) -> None:
   if first is not None and reraise:
     raise first
   if first is not None:
-    logging.getLogger(__name__).warning("after the failed run, closing also failed: %s", first)
+    same = all(isinstance(x, StorageError) or storage.is_storage_error(x)
+               for x in (first, failure))
+    logging.getLogger(__name__).log(logging.DEBUG if same else logging.WARNING,
+                                    "after the failed run, closing also failed: %s", first)
 
 
 def _final_report(job, state, reporter, loop) -> dict:
