@@ -7,11 +7,13 @@ writer at a time (trainer/lease.py). A full disk ends with one line on stderr.
 """
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -21,8 +23,9 @@ from tests.conftest import ROOT, run_trainer, tiny_config
 from trainer import checkpoint
 from trainer import lease
 from trainer import models
+from trainer import runinfo
 from trainer import train
-from trainer.errors import UserError
+from trainer.errors import StorageError, UserError
 
 BREAST = "--config=trainer/configs/breast_cancer.py"
 
@@ -259,9 +262,40 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_last_step(tmp_path):
         "error: storage failed: No space left on device (ENOSPC); last committed step: 100"
     ), proc.stderr[-3000:]
     assert _committed(workdir) == [100]
+    # The failed save's half-written folder is gone (it held the space run.json's exit
+    # needs); step 100 is untouched.
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["100"]
     end = json.loads((workdir / "run.json").read_text())["starts"][-1]["exit"]
     assert end["code"] == 1 and "Failed to write" in end["reason"]
     assert not (workdir / lease.NAME).exists()
+  finally:
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_a_run_json_that_cannot_take_the_exit_leaves_the_runs_error_standing(tmp_path, caplog):
+  mount = tmp_path / "small"
+  mount.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+  try:
+    record = runinfo.RunRecord(str(mount), tiny_config(), types.SimpleNamespace(name="sharding"),
+                               0)
+    before = (mount / "run.json").read_text()
+    with pytest.raises(OSError), open(mount / "filler", "wb") as filler:
+      while True:  # fills the disk
+        filler.write(b"x" * 4096)
+        filler.flush()
+    error = StorageError("saving checkpoint step 2 failed: No space left on device (ENOSPC);"
+                         " last committed step: 1")
+    with caplog.at_level(logging.DEBUG, logger=train.__name__):
+      train._record_failure(record, error)  # must not raise: `error` is what the user sees
+    assert [r.levelno for r in caplog.records if "closing also failed" in r.message] == [
+        logging.DEBUG]
+    assert (mount / "run.json").read_text() == before  # not half-written
+    (mount / "filler").unlink()
+    train._record_failure(record, error)
+    end = json.loads((mount / "run.json").read_text())["starts"][-1]["exit"]
+    assert end["code"] == 1 and end["reason"].startswith("StorageError: saving checkpoint step 2")
   finally:
     subprocess.run(["umount", str(mount)], check=True)
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -233,9 +235,24 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       steps, last = [], last_committed_step()
     failed = step if self._in_flight in steps or self._in_flight is None else self._in_flight
+    if failed is not None and failed not in steps:
+      self._drop_partial(failed)
     return StorageError(f"saving checkpoint step {failed} to {self.directory} failed:"
                         f" {storage.reason(e)}; last committed step: {last}",
                         " ".join(str(e).split()))
+
+  def _drop_partial(self, step: int) -> None:
+    """Removes the half-written folder of the failed save of `step` on a local disk.
+
+    It was never committed, and Orbax would delete it at the next start anyway
+    (`cleanup_tmp_directories`); removing it now gives back the space it took, so that
+    on a full disk the run's own records (run.json's exit) can still be written.
+    Process 0 only, once its own save has stopped; a committed step is never touched.
+    """
+    if storage.is_remote(self.directory) or jax.process_index() != 0:
+      return
+    for partial in pathlib.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(partial, ignore_errors=True)
 
 
 _last_committed: int | None = None

@@ -399,7 +399,7 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
   except BaseException as e:
     failed = e
     error = _save_failure_behind(e, ckpt)
-    record.finish(getattr(error, "exit_code", 1), f"{type(error).__name__}: {error}")
+    _record_failure(record, error)
     if error is not e:
       raise error from e
     raise
@@ -409,6 +409,14 @@ def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict
                failure=failed)
   record.finish(0, "completed")
   return summary
+
+
+def _record_failure(record, error: BaseException) -> None:
+  """Writes the failed run's exit code and reason into run.json. On a full disk or a lost
+  bucket even that write may fail: then the run's own error still is the one reported."""
+  _close_all([functools.partial(record.finish, getattr(error, "exit_code", 1),
+                                f"{type(error).__name__}: {error}")],
+             reraise=False, failure=error)
 
 
 def _save_failure_behind(error: BaseException, ckpt) -> BaseException:
