@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import ROOT, tiny_config
 from trainer import checkpoint
+from trainer import hooks
 from trainer import report
 from trainer import train
 from trainer.errors import UserError
@@ -170,20 +171,47 @@ def test_dispatches_make_no_implicit_transfer(on_device):
     ("shard_map", "off", "train_step")])
 def test_the_first_dispatch_is_compiled_once_while_the_state_is(tmp_path, strategy, on_device,
                                                                  function):
-  lowered = []  # (function, thread) per lowering to MLIR, which every compilation starts with
+  lowered, first_step = _lowerings(_config(strategy, on_device=on_device), tmp_path / "run")
+  mine = [thread for name, thread in lowered if function in name]
+  assert mine == ["jaxjob-precompile"], lowered
+  assert any("create_train_state" in name for name, _ in lowered), lowered
+  # The evaluation's executables compiled on the main thread meanwhile, once each, before
+  # the first step: the evaluations at steps 25, 50 and 60 found them.
+  _assert_compiled_ahead(lowered, first_step, ("eval_apply", "_losses_and_predictions"))
+
+
+def test_a_regression_runs_evaluation_compiles_ahead_too(tmp_path):
+  config = tiny_config("diabetes.py", train__steps=30, train__eval_every=10)
+  lowered, first_step = _lowerings(config, tmp_path / "run")
+  _assert_compiled_ahead(lowered, first_step, ("eval_apply",))
+
+
+def _lowerings(config, workdir) -> tuple[list[tuple[str, str]], int]:
+  """Runs `config`: (function, thread) of each lowering to MLIR (which every compilation
+  starts with), and how many of them came before the first step was dispatched."""
+  lowered, first_step = [], []
+  jax.clear_caches()  # an earlier test's run may have compiled the same functions
 
   def listen(event, duration, fun_name="", **_):
     if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
       lowered.append((fun_name, threading.current_thread().name))
 
+  class FirstStep(hooks.Hook):
+    def before_step(self, loop, step, state):
+      first_step.append(len(lowered))
+
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    train.train_and_evaluate(_config(strategy, on_device=on_device), str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(workdir), hooks=[FirstStep()])
   finally:
     jax.monitoring.unregister_event_duration_listener(listen)
-  mine = [thread for name, thread in lowered if function in name]
-  assert mine == ["jaxjob-precompile"], lowered
-  assert any("create_train_state" in name for name, _ in lowered), lowered
+  return lowered, first_step[0]
+
+
+def _assert_compiled_ahead(lowered, first_step: int, names) -> None:
+  for name in names:
+    at = [i for i, (fun, _) in enumerate(lowered) if name in fun]
+    assert len(at) == 1 and at[0] < first_step and lowered[at[0]][1] == "MainThread", lowered
 
 
 def test_pmap_runs_without_precompiling(tmp_path):

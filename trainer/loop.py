@@ -167,6 +167,7 @@ class Loop:
     self._prepared = True
     precompiling = self.job.cache.pop("precompile", None)
     if precompiling is not None:
+      self._compile_evaluation()  # meanwhile, on this thread
       precompiling.join()  # it fills the job's cache; the dispatches wait for it anyway
     k = self.config.train.steps_per_dispatch
     self.data_on_device = self._split_on_device() is not None
@@ -180,6 +181,16 @@ class Loop:
     depth = self.config.train.prefetch
     if depth and not self.data_on_device and self._batches is None:
       self._prefetch = Prefetcher(self._inputs, depth)
+
+  def _compile_evaluation(self) -> None:
+    """The task's evaluation executables (`Task.compile_evaluation`; a run always ends
+    with one evaluation). An error is left for the first evaluation to raise."""
+    job = self.job
+    try:
+      self.task.compile_evaluation(self.strategy, self.model,
+                                   job.eval_variables(job.abstract_state), self.dataset)
+    except Exception:  # pylint: disable=broad-except
+      log.debug("compiling the evaluation ahead failed", exc_info=True)
 
   def _dispatch_length(self, step: int, last: int) -> int:
     """Steps in the dispatch that starts at `step`: K, cut where a hook needs a boundary."""

@@ -93,6 +93,9 @@ def run_steps(step_fn, state, xs, n, data, constrain=lambda batch: batch):
     x = jax.tree.map(lambda a: a[i], xs)
     return constrain(jax.tree.map(lambda a: a[x], data) if data else x)
 
+  # Traced once: the loop body's call finds the trace that gave the metrics' shapes in
+  # jit's cache (the same argument types), and XLA inlines the nested call.
+  step_fn = jax.jit(step_fn)
   shapes = jax.eval_shape(step_fn, state, batch_at(0))[1]
   rows = jax.tree.map(lambda s: jnp.zeros((capacity,) + s.shape, s.dtype), shapes)
 
@@ -218,8 +221,7 @@ class DataParallel:
     the global-array batch layout.
     """
     fn = self._compiled_apply(apply_fn)
-    n = x.shape[0]
-    step = self.num_devices * math.ceil(min(max(n, 1), chunk) / self.num_devices)
+    n, step = x.shape[0], self._predict_rows(x.shape[0], chunk)
     outputs = []
     for start in range(0, n, step):
       rows = x[start:start + step]
@@ -231,6 +233,20 @@ class DataParallel:
       full = multihost_utils.process_allgather(logits, tiled=True)
       outputs.append(np.asarray(full)[:len(rows)])
     return np.concatenate(outputs, axis=0)
+
+  def compile_predict(self, apply_fn, params, x: np.ndarray,
+                      chunk: int = 8192) -> jax.ShapeDtypeStruct:
+    """Compiles what `predict(apply_fn, params, x, chunk)` runs, from the shapes, types and
+    shardings of `params` (`jax.ShapeDtypeStruct` leaves will do); returns the type of
+    `predict`'s result."""
+    step = self._predict_rows(x.shape[0], chunk)
+    batch = jax.ShapeDtypeStruct((step,) + x.shape[1:], x.dtype, sharding=self.batch_sharding)
+    out = self._compiled_apply(apply_fn).lower(params, batch).compile().out_info
+    return jax.ShapeDtypeStruct((x.shape[0],) + out.shape[1:], out.dtype)
+
+  def _predict_rows(self, n: int, chunk: int) -> int:
+    """The rows of each call of `predict`: a multiple of the device count."""
+    return self.num_devices * math.ceil(min(max(n, 1), chunk) / self.num_devices)
 
   @functools.lru_cache(maxsize=4)
   def _compiled_apply(self, apply_fn):
