@@ -19,6 +19,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# The revision `--baseline` names, for the result workload's process.
+BASELINE_ENV = "JAXJOB_BENCH_BASELINE"
 # (workload, virtual CPU devices)
 WORKLOADS = [("overhead", 1), ("balanced", 1), ("compute", 1), ("checkpoint", 1),
              ("dp", 2), ("dp", 4), ("dp", 8), ("pmap", 4), ("startup", 1), ("result", 1)]
@@ -89,7 +91,13 @@ def main() -> int:
                      help="15 rounds of longer blocks (about 10 minutes on 2 cores)")
   parser.add_argument("--only", default="", help="comma-separated workloads, e.g. overhead,dp")
   parser.add_argument("--out", default="", help="also write every JSON line to this file")
+  parser.add_argument("--baseline", default="",
+                      help="a git revision: the result workload also times the trainer at that"
+                           " revision (a git worktree), paired with this tree's, to measure a"
+                           " change")
   args = parser.parse_args()
+  if args.baseline:
+    os.environ[BASELINE_ENV] = args.baseline
   mode = args.mode or "quick"
   only = {w for w in args.only.split(",") if w}
   start = time.time()

@@ -20,12 +20,17 @@ be the restored step + 1. Restarts alternate: warm (the cache the killed process
 then cold (a fresh cache), each restart killed in turn after its own next checkpoint;
 one of each in quick mode, three in full.
 
+`python -m bench --baseline REV` adds a variant to the time-to-result rounds: the
+trainer of git revision REV (a worktree, with its own package and config), a first run,
+and the record "this tree / REV" to measure a change side by side.
+
 The data: the Kaggle CSV under `$JAXJOB_DATA_DIR` or `../shared/data` beside the
 repository, else a synthetic CSV of its shape (the records say which).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import queue
@@ -82,16 +87,17 @@ def write_synthetic_csv(path: str, rows: int = 2000) -> None:
   pathlib.Path(path).write_text("\n".join(lines) + "\n")
 
 
-def trainer_argv(csv: str, workdir: str, *overrides: str) -> list[str]:
-  return [sys.executable, "-m", "trainer", f"--config={CONFIG}", f"--config.data.path={csv}",
+def trainer_argv(csv: str, workdir: str, *overrides: str, root=ROOT) -> list[str]:
+  config = pathlib.Path(root) / CONFIG.relative_to(ROOT)
+  return [sys.executable, "-m", "trainer", f"--config={config}", f"--config.data.path={csv}",
           f"--workdir={workdir}", *overrides]
 
 
-def _run(argv: list[str], env: dict) -> tuple[harness.Timing, str]:
+def _run(argv: list[str], env: dict, cwd=ROOT) -> tuple[harness.Timing, str]:
   """Runs a process to its end: (wall and CPU seconds, its stdout); fails on a bad exit."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
-  proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+  proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=_TIMEOUT_S, check=False)
   wall = time.perf_counter() - start
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -110,8 +116,8 @@ def _accuracy(stdout: str) -> float:
 class _Runs:
   """The time-to-result variants; each keeps the held-out accuracy its last run printed."""
 
-  def __init__(self, csv: str, workdir: str):
-    self.csv, self.workdir = csv, workdir
+  def __init__(self, csv: str, workdir: str, baseline: str | None = None):
+    self.csv, self.workdir, self.baseline = csv, workdir, baseline
     self.count = 0
     self.warm_cache = None  # the cache one first run left, copied for each second run
     self.accuracy = {}
@@ -132,6 +138,14 @@ class _Runs:
     self.accuracy["trainer_first"] = _accuracy(out)
     return timing
 
+  def baseline_first(self) -> harness.Timing:
+    """A first run of the trainer in the `baseline` tree (its own package and config)."""
+    env = dict(child_env(self._fresh("cache")), PYTHONPATH=self.baseline)
+    timing, out = _run(trainer_argv(self.csv, self._fresh("run"), root=self.baseline), env,
+                       cwd=self.baseline)
+    self.accuracy["baseline_first"] = _accuracy(out)
+    return timing
+
   def trainer_second(self) -> harness.Timing:
     if self.warm_cache is None:
       raise RuntimeError("a second run before any first run: no warm cache to copy")
@@ -142,13 +156,17 @@ class _Runs:
     return timing
 
 
-def time_to_result(csv: str, source: str, workdir: str, rounds: int) -> None:
-  """Emits first-run/bare and second-run/bare, whole processes in paired rounds."""
-  runs = _Runs(csv, workdir)
-  times = harness.paired_rounds({
-      "bare": lambda: runs.bare("bare"), "trainer_first": runs.trainer_first,
-      "trainer_second": runs.trainer_second,
-      "bare_again": lambda: runs.bare("bare_again")}, rounds)
+def time_to_result(csv: str, source: str, workdir: str, rounds: int,
+                   baseline: tuple[str, str] | None = None) -> None:
+  """Emits first-run/bare and second-run/bare, whole processes in paired rounds; with a
+  `baseline` (revision, its worktree), also this tree's first run / the baseline's."""
+  runs = _Runs(csv, workdir, baseline[1] if baseline else None)
+  variants = {"bare": lambda: runs.bare("bare"), "trainer_first": runs.trainer_first,
+              "trainer_second": runs.trainer_second,
+              "bare_again": lambda: runs.bare("bare_again")}
+  if baseline:
+    variants["baseline_first"] = runs.baseline_first
+  times = harness.paired_rounds(variants, rounds)
   seconds = lambda name: round(statistics.median(t.wall for t in times[name]), 2)
   info = {"data": source, "bare_s": seconds("bare"),
           "accuracy": {k: round(v, 4) for k, v in runs.accuracy.items()}}
@@ -158,6 +176,11 @@ def time_to_result(csv: str, source: str, workdir: str, rounds: int) -> None:
   emit(harness.ratio_record(
       "result", "time to result, second run (warm compilation cache) / bare", times,
       "trainer_second", "bare", target=1.0, trainer_s=seconds("trainer_second"), **info))
+  if baseline:
+    emit(harness.ratio_record(
+        "result", f"time to result, first run: this tree / {baseline[0]}", times,
+        "trainer_first", "baseline_first", target=None, baseline_s=seconds("baseline_first"),
+        trainer_s=seconds("trainer_first"), **info))
 
 
 class _Process:
@@ -264,7 +287,30 @@ def restarts(csv: str, source: str, workdir: str, count: int) -> None:
 
 
 def measure(mode: str, workdir: str) -> None:
-  """The `result` workload: restarts first (they also warm the page cache), then the rounds."""
+  """The `result` workload: restarts first (they also warm the page cache), then the rounds.
+
+  With `JAXJOB_BENCH_BASELINE` (`python -m bench --baseline REV`), the rounds also run
+  the trainer of revision REV, checked out as a git worktree in `workdir`.
+  """
   csv, source = data_csv(workdir)
   restarts(csv, source, workdir, _RESTARTS[mode])
-  time_to_result(csv, source, workdir, _ROUNDS[mode])
+  revision = os.environ.get("JAXJOB_BENCH_BASELINE")  # set by `python -m bench --baseline`
+  if not revision:
+    time_to_result(csv, source, workdir, _ROUNDS[mode])
+    return
+  with baseline_tree(revision, workdir) as tree:
+    time_to_result(csv, source, workdir, _ROUNDS[mode], baseline=(revision, tree))
+
+
+@contextlib.contextmanager
+def baseline_tree(revision: str, workdir: str):
+  """Revision `revision` of this repository checked out (a git worktree) in `workdir`."""
+  tree = os.path.join(workdir, "baseline")
+  git = ["git", "-C", str(ROOT), "worktree"]
+  subprocess.run(git + ["add", "--detach", tree, revision], check=True, capture_output=True,
+                 timeout=120)
+  try:
+    yield tree
+  finally:
+    subprocess.run(git + ["remove", "--force", tree], check=False, capture_output=True,
+                   timeout=120)

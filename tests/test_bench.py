@@ -89,6 +89,21 @@ def test_bare_script_learns_the_synthetic_csv(tmp_path, monkeypatch, mobile_pric
   assert float(re.search(r"held-out accuracy ([0-9.]+)", proc.stdout).group(1)) > 0.8
 
 
+@pytest.mark.slow
+def test_time_to_result_runs_a_baseline_revision_beside_this_tree(tmp_path, capsys):
+  from bench import result  # pylint: disable=g-import-not-at-top
+  csv, source = result.data_csv(str(tmp_path))
+  with result.baseline_tree("HEAD", str(tmp_path)) as tree:
+    assert (pathlib.Path(tree) / "trainer" / "train.py").exists()
+    result.time_to_result(csv, source, str(tmp_path), 2, baseline=("HEAD", tree))
+  assert not pathlib.Path(tree).exists()
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith('{"bench"')]
+  versus = [r for r in records if r["metric"] == "time to result, first run: this tree / HEAD"]
+  assert len(versus) == 1 and versus[0]["baseline_s"] > 0, records
+  assert versus[0]["accuracy"]["baseline_first"] > 0.8, versus
+
+
 def test_gpu_script_parses():
   subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], check=True)
 
