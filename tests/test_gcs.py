@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
+import jax
 import pytest
 
 from tests import gcs_emulator
@@ -482,6 +483,29 @@ def test_transient_errors_on_restore_are_retried_then_exit_1_keeping_every_step(
   print(f"gave up after {time.monotonic() - started:.0f} s and {proxy.counts['503']} 503s")
   assert proxy.counts["503"] >= 3  # the clients' own retries, then ours
   assert emulator.list(BUCKET, "runs/transient/") == before  # nothing moved or deleted
+
+
+def test_a_save_that_fails_after_a_commit_names_itself_and_the_committed_step(
+    emulator, gcs_env, monkeypatch):
+  proxy = gcs_emulator.FaultProxy(emulator.url).start()
+  try:
+    gcs_env(proxy.url)
+    monkeypatch.setattr(checkpoint, "_last_committed", None)  # this process's earlier runs
+    ckpt = checkpoint.Checkpointer(storage.path(f"gs://{BUCKET}/runs/cut/checkpoints"),
+                                   save_every=1, keep=5)
+    state = {"w": jax.numpy.arange(4.0)}
+    assert ckpt.save(1, state)
+    ckpt._manager.wait_until_finished()  # pylint: disable=protected-access
+    proxy.forbidden_buckets.add(BUCKET)  # step 1 is committed; the bucket goes now
+    with pytest.raises(StorageError) as failed:
+      ckpt.save(2, state)
+    # Storage can no longer list the steps: step 1 is known committed from its own wait.
+    assert failed.value.line.startswith(
+        f"saving checkpoint step 2 to gs://{BUCKET}/runs/cut/checkpoints failed:"), failed.value
+    assert failed.value.line.endswith("; last committed step: 1"), failed.value
+  finally:
+    proxy.close()
+  assert _committed_steps(emulator.list(BUCKET, "runs/cut/"), "cut") == [1]
 
 
 @pytest.mark.slow

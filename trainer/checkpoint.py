@@ -183,13 +183,21 @@ class Checkpointer:
     Raises:
       StorageError: this save, or the previous one still in flight, failed to write.
     """
+    if self._in_flight is not None:
+      # Orbax's save waits for the save in flight as well; waiting here first tells that
+      # save's failure from this one's, even when storage can no longer list the steps.
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._save_error(e, None) from e
+      _note_committed(self._in_flight)
+      self._in_flight = None
     try:
       started = self._manager.save(step, args=import_orbax().args.StandardSave(state),
                                    force=force)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(e, step) from e
-    if started:  # Orbax waited for the save in flight: that step is committed.
-      _note_committed(self._in_flight)
+    if started:
       self._in_flight = step
     return started
 
