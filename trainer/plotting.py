@@ -2,13 +2,14 @@
 
 Importing matplotlib takes 0.4-0.6 s of CPU, and a run holds the GIL for most of its
 start-up, so a background thread cannot hide it. `start()` launches a Python child
-running `serve` when a run starts: the child imports matplotlib and draws one throwaway
-plot (a process's first drawing loads fonts and caches) on another core while the run
-loads data and compiles, then draws each history it is sent. `Plotter.submit`
-returns at once; `Pending.result` waits for the PNG. The child serves every run of the
-process that started it and exits when that process closes its stdin (or dies). Its
-stderr goes nowhere: whatever fails there fails again, and is reported, in the run's
-process, and the run's stderr pipe does not wait for the child.
+running `serve` when a run starts: the child imports matplotlib on another core while
+the run loads data and compiles, then draws each history it is sent (drawing a
+throwaway plot at start as well, to load fonts early, measured 1.03x slower to a result:
+it competes with the compilations). `Plotter.submit` returns at once; `Pending.result`
+waits for the PNG. The child serves every run of the process that started it and exits
+when that process closes its stdin (or dies). Its stderr goes nowhere: whatever fails
+there fails again, and is reported, in the run's process, and the run's stderr pipe does
+not wait for the child.
 
 Drawing in the run's own process is the fallback, with the same function, so the plot
 is always written, or the error is the run's own: when the child cannot start, has
@@ -229,12 +230,8 @@ def serve(stdin=None, stdout=None) -> None:
   stdin, stdout = stdin or sys.stdin.buffer, stdout or sys.stdout.buffer
   try:
     _import_matplotlib()
-    # The first drawing of a process loads fonts and builds text and tick caches (about
-    # 0.2 s more than the next): done now, while the run trains, not when it waits.
-    draw(history_spec([{"step": 0, "loss": 1.0, "accuracy": 0.5}],
-                      [{"step": 0, "loss": 1.0, "accuracy": 0.5}], "accuracy"))
   except Exception:  # pylint: disable=broad-except
-    return  # the parent draws in-process, where the same failure is its own error
+    return  # the parent draws in-process, where the same import fails with its own error
   for line in stdin:
     request = None
     try:
