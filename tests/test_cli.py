@@ -41,6 +41,20 @@ BAD_INPUTS = {
     "negative_seed": (["--config.seed=-1"], "config.seed=-1: expected an integer in [0, 2**32)"),
     "indivisible_batch": (["--config.train.batch_size=100"], "multiple of the device count"),
     "bad_process_env": ([], "JAX_PROCESS_ID=2 must be below JAX_NUM_PROCESSES=2"),
+    "nan_learning_rate": (["--config.optimizer.learning_rate=nan"],
+                          "config.optimizer.learning_rate=nan: expected a finite number >= 0"),
+    "negative_weight_decay": (["--config.optimizer.weight_decay=-0.1"],
+                              "config.optimizer.weight_decay=-0.1: expected a finite number"),
+    "zero_width_layer": (["--config.model.hidden=0,64"],
+                         "parameter hidden_0.bias has shape (0,), with no elements; expected"
+                         " positive layer sizes"),
+    "model_not_callable": (["--config.model.name=math:pi"],
+                           "config.model.name='math:pi': math:pi is a float; expected a class"),
+    "task_not_a_task": (["--config.task=math:pi"],
+                        "config.task='math:pi': float is not a trainer.tasks.Task"),
+    "http_data_path": ([MOBILE, "--config.data.path=http://example.invalid/x.csv"],
+                       "http://example.invalid/x.csv: http:// is not supported; expected a"
+                       " local path or a gs:// URL"),
 }
 
 
@@ -58,6 +72,42 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
   assert len(lines) == 1, proc.stderr
   assert expected in lines[0]
   assert not workdir.exists()
+
+
+def _one_line_exit_2(proc, expected: str) -> None:
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+
+
+def test_a_workdir_url_of_another_scheme_is_refused(tmp_path):
+  proc = run_trainer(["--config.train.steps=60", "--workdir=s3://bucket/run"], cwd=tmp_path,
+                     timeout=120)
+  _one_line_exit_2(proc, "s3://bucket/run: s3:// is not supported; expected a local path or a"
+                   " gs:// URL")
+  assert not list(tmp_path.iterdir())  # no ./s3:/bucket/run
+
+
+def test_a_config_file_that_raises_is_bad_input(tmp_path):
+  config = tmp_path / "raises.py"
+  config.write_text("def get_config():\n  raise RuntimeError('no such experiment')\n")
+  proc = run_trainer([f"--config={config}", f"--workdir={tmp_path / 'run'}"], timeout=120)
+  _one_line_exit_2(proc, f"the config file {config} failed to load: RuntimeError: no such"
+                   " experiment")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]"])
+def test_a_corrupt_run_json_is_refused_and_left_as_it_is(tmp_path, content):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "run.json").write_text(content)
+  for extra in ([], ["--allow_config_change"]):
+    proc = run_trainer(["--config.train.steps=60", f"--workdir={workdir}", *extra], timeout=120)
+    _one_line_exit_2(proc, f"{workdir}/run.json is ")
+    assert "expected the run record a run writes" in proc.stderr
+    assert [p.name for p in workdir.iterdir()] == ["run.json"]
+    assert (workdir / "run.json").read_text() == content
 
 
 @pytest.mark.parametrize("trainer_flags, expected", [

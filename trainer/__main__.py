@@ -28,16 +28,22 @@ from trainer import errors
 _EXIT_GRACE_S = 10.0
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
-# A bad flag, or a config file that is missing or does not load. config_flags reads the
-# file (and applies --config.* overrides) when the flag is defined, when flags are
-# parsed, or on first access to the value, so all three places catch these.
-_FLAG_ERRORS = (flags.Error, OSError, SyntaxError, ImportError, AttributeError, KeyError,
-                TypeError, ValueError)
+# A bad flag, or a config file that is missing, does not load or raises in get_config():
+# the user's input, whatever the exception. config_flags reads the file (and applies
+# --config.* overrides) when the flag is defined, when flags are parsed, or on first
+# access to the value, so all three places catch these.
+_FLAG_ERRORS = (Exception,)
+_FLAG_KINDS = (flags.Error, OSError, SyntaxError, ImportError, AttributeError, KeyError,
+               TypeError, ValueError)  # errors whose own words say what was wrong
 
 
 def _bad_flags(e: Exception):
   if isinstance(e, (KeyError, AttributeError)):
     e = _explain_missing_key(sys.argv, e)
+  elif not isinstance(e, _FLAG_KINDS):  # raised by the config file's own code
+    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")),
+                _DEFAULT_CONFIG)
+    e = f"the config file {path} failed to load: {type(e).__name__}: {e}"
   print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
   sys.exit(2)
 

@@ -85,6 +85,9 @@ def resolve(kind: str, name: Any) -> Any:
   except AttributeError:
     raise UserError(f"{_FIELD[kind]}={name!r}: {module_name} has no attribute"
                     f" {attribute!r}") from None
+  if not callable(obj) and kind != "task":  # a task may be an instance (tasks.resolve)
+    raise UserError(f"{_FIELD[kind]}={name!r}: {target} is a {type(obj).__name__}; expected"
+                    " a class or a function")
   return obj
 
 

@@ -62,7 +62,7 @@ class RunRecord:
     self._path = storage.path(workdir) / "run.json" if workdir else None
     if self._path is None:
       return
-    previous = storage.read_json(self._path) if self._path.exists() else {}
+    previous = read_record(workdir) or {}
     starts = previous.get("starts", [])
     if starts and "exit" not in starts[-1]:
       starts[-1]["exit"] = {"code": None, "reason": "killed or crashed (no exit recorded)"}
@@ -138,16 +138,37 @@ _RESUMABLE_CHANGES = ("name", "train.log_every", "train.eval_every", "train.chec
                       "parallel.", "distributed.", "profile.", "report.")
 
 
+def read_record(workdir: str) -> dict | None:
+  """The workdir's run.json, or None when there is none.
+
+  Raises:
+    UserError: run.json is not the JSON object a run writes (it is left as it is).
+  """
+  path = storage.path(workdir) / "run.json"
+  if not path.exists():
+    return None
+  try:
+    record = json.loads(storage.read_bytes(path).decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    record = e
+  if not isinstance(record, dict):
+    what = f"not valid JSON ({record})" if isinstance(record, Exception) else (
+        f"a JSON {type(record).__name__}")
+    raise UserError(f"{path} is {what}; expected the run record a run writes: move it aside,"
+                    " or use a new --workdir")
+  return record
+
+
 def check_resume_config(workdir: str, config, allow_change: bool) -> None:
   """Refuses to resume a workdir whose recorded config differs in what it computes.
 
   Raises:
     UserError: listing the differing fields, unless `allow_change`.
   """
-  path = storage.path(workdir) / "run.json"
-  if allow_change or not path.exists():
+  record = read_record(workdir)  # a corrupt run.json is refused, even with allow_change
+  if allow_change or record is None:
     return
-  recorded = _flatten(storage.read_json(path).get("config", {}))
+  recorded = _flatten(record.get("config", {}))
   current = _flatten(json.loads(config.to_json_best_effort()))
   changed = sorted(k for k in set(recorded) | set(current)
                    if recorded.get(k) != current.get(k)

@@ -69,9 +69,18 @@ def configure() -> None:
 
 
 def path(p: str | os.PathLike) -> epath.Path:
+  _check_scheme(p)
   if is_remote(p):
     configure()
   return epath.Path(p)
+
+
+def _check_scheme(p: str | os.PathLike) -> None:
+  """Refuses a URL of another scheme (http://, s3://): it would be read as a local path."""
+  scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(p))
+  if scheme and scheme.group(1) != "gs":
+    raise UserError(f"{p}: {scheme.group(1)}:// is not supported; expected a local path or a"
+                    " gs:// URL")
 
 
 def is_remote(p: str | os.PathLike) -> bool:
@@ -80,6 +89,7 @@ def is_remote(p: str | os.PathLike) -> bool:
 
 def absolute(p: str | os.PathLike) -> str:
   """`p` as an absolute path (Orbax requires one); URLs are returned unchanged."""
+  _check_scheme(p)
   return str(p) if is_remote(p) else os.path.abspath(p)
 
 

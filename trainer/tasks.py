@@ -71,7 +71,11 @@ def resolve(config, dataset) -> Task:
   """The task `config["task"]` names (a name, class or instance), or the data set's own."""
   name = config.get("task") or dataset.task
   obj = registry.resolve("task", name)
-  return obj() if isinstance(obj, type) else obj
+  task = obj() if isinstance(obj, type) else obj
+  if not isinstance(task, Task):
+    raise UserError(f"config.task={name!r}: {type(task).__name__} is not a trainer.tasks.Task;"
+                    " expected a Task subclass or instance")
+  return task
 
 
 # Classification ----------------------------------------------------------------------

@@ -181,9 +181,25 @@ def _validate(config) -> None:
     raise UserError(f"config.train.nonfinite_policy={config.train.nonfinite_policy!r}:"
                     " expected stop or skip")
   profiling.parse_steps(config.profile.steps)
+  for key in ("learning_rate", "weight_decay"):
+    value = config.optimizer.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0.0 <= value < float("inf")):
+      raise UserError(f"config.optimizer.{key}={value!r}: expected a finite number >= 0")
   if not 0.0 <= config.train.ema_decay < 1.0:
     raise UserError(f"config.train.ema_decay={config.train.ema_decay}: expected 0 (off) or a"
                     " value in (0, 1)")
+
+
+def _check_sizes(params) -> None:
+  """Refuses a model with an empty parameter (a layer of width 0): it would train, and
+  then fail at its first checkpoint."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if 0 in leaf.shape:
+      name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+      raise UserError(f"the model's parameter {name} has shape {tuple(leaf.shape)}, with no"
+                      " elements; expected positive layer sizes in config.model (or the"
+                      " data's feature count)")
 
 
 @dataclasses.dataclass
@@ -294,6 +310,7 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
                            example_x=dataset.example_x(), ema=config.train.ema_decay > 0)
   init, seed = _seeded(init, config.seed)
   abstract_state = strategy.plan_state(init, seed)
+  _check_sizes(abstract_state.params)
   step = functools.partial(train_step, model=model, task=task, tx=tx, schedule=schedule, l2=l2,
                            mask=optimizers.weight_decay_mask(config),
                            accum_steps=accum, ema_decay=config.train.ema_decay)
@@ -324,6 +341,8 @@ def train_and_evaluate(config, workdir: str | None = None, allow_config_change: 
     committed; Diverged: non-finite loss or gradient under the `stop` policy.
   """
   start_time = time.time()
+  if workdir:
+    storage.absolute(workdir)  # a URL of another scheme is refused before any compilation
   distributed.initialize(config)
   if jax.process_count() > 1 and preemption.requested_before_start():
     raise Preempted("preempted during start-up, before any step: nothing new to save")
