@@ -69,3 +69,34 @@ def test_bad_columns_exit_2(run_dir, mobile_price_csv_path, tmp_path, edit, expe
   assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
   assert len(proc.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("flags_given,expected", [
+    ([], "Flag --workdir must have a value other than None"),
+    (["--bogus=1"], "Unknown command line flag 'bogus'"),
+    (["--workdir=w", "--input=i", "--output=o", "extra"],
+     "unexpected positional arguments ['extra']"),
+])
+def test_bad_flags_exit_2_with_one_line(flags_given, expected):
+  proc = subprocess.run([sys.executable, "-m", "trainer.predict", *flags_given], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_unwritable_output_or_a_corrupt_run_exits_2(run_dir, mobile_price_csv_path, tmp_path):
+  test_csv = mobile_price_csv_path.parent / "test.csv"
+  (tmp_path / "a_folder").mkdir()
+  proc = _predict(run_dir, test_csv, tmp_path / "a_folder")
+  assert proc.returncode == 2 and "--output=" in proc.stderr and "cannot write there" in (
+      proc.stderr), proc.stderr[-2000:]
+  assert len(proc.stderr.strip().splitlines()) == 1
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  for name in ("run.json", "data_stats.json"):
+    (broken / name).write_text((run_dir / name).read_text())
+  (broken / "data_stats.json").write_text("{not json")
+  proc = _predict(broken, test_csv, tmp_path / "out.csv")
+  assert proc.returncode == 2 and "data_stats.json is not valid JSON" in proc.stderr, (
+      proc.stderr[-2000:])
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()

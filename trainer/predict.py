@@ -48,13 +48,18 @@ def load_run(workdir: str):
   if not run_path.exists() or not stats_path.exists():
     raise errors.UserError(f"--workdir={workdir}: no run.json/data_stats.json there; expected a"
                            " run directory written by python -m trainer")
-  config = ml_collections.ConfigDict(storage.read_json(run_path)["config"])
+  from trainer import runinfo  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(runinfo.read_record(workdir).get("config", {}))
+  try:
+    stats = storage.read_json(stats_path)
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise errors.UserError(f"{stats_path} is not valid JSON ({e}); expected the data"
+                           " statistics a run writes") from None
   step, state = checkpoint.load_latest(storage.path(workdir) / "checkpoints")
   if step is None:
     raise errors.UserError(f"--workdir={workdir}: no committed checkpoint")
   params = state["params"] if state.get("ema_params") is None else state["ema_params"]
-  return config, storage.read_json(stats_path), {"params": params,
-                                                 **(state.get("model_state") or {})}
+  return config, stats, {"params": params, **(state.get("model_state") or {})}
 
 
 def task_of(config, stats):
@@ -95,9 +100,14 @@ def _conform(template, loaded):
   return loaded
 
 
+def _bad_input(line: str) -> None:
+  print(f"error: {' '.join(line.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    _bad_input(f"unexpected positional arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from trainer.data import csv_source  # pylint: disable=g-import-not-at-top
   from trainer.data import tabular  # pylint: disable=g-import-not-at-top
@@ -116,17 +126,29 @@ def main(argv):
     outputs = predict(config, stats, variables, x)
     columns = task.predict_columns(outputs, stats)
   except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _bad_input(str(e))
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")  # class names may hold commas or quotes
   id_values = extra.get(_ID_COLUMN.value)
   writer.writerow(([_ID_COLUMN.value] if id_values else []) + list(columns))
   for i in range(len(outputs)):
     writer.writerow(([id_values[i]] if id_values else []) + [columns[c][i] for c in columns])
-  storage.write_text(_OUTPUT.value, out.getvalue())
+  try:
+    storage.write_text(_OUTPUT.value, out.getvalue())
+  except OSError as e:
+    _bad_input(f"--output={_OUTPUT.value}: cannot write there ({storage.reason(e)}); expected a"
+               " file path in a writable folder")
   print(f"wrote {len(outputs)} predictions to {_OUTPUT.value}")
 
 
+def run(argv: list[str]) -> None:
+  """Parses the flags (a bad or missing one: exit 2, one line), then runs `main`."""
+  try:
+    argv = flags.FLAGS(argv)
+  except flags.Error as e:
+    _bad_input(str(e))
+  app.run(main, argv=argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run(sys.argv)
