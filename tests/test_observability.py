@@ -107,8 +107,9 @@ print(storage.Client.__name__)
 _OTHER_THREAD = """
 import sys, threading
 from trainer import writers
-refuse = writers._RefusedOnThread({"google.cloud.storage"})
+refuse = writers._RefusedOnThreads({"google.cloud.storage"})
 sys.meta_path.insert(0, refuse)
+refuse.threads.add(threading.get_ident())
 try:
   from google.cloud import storage
 except ImportError:
@@ -128,6 +129,37 @@ def test_tensorboardx_is_imported_without_its_cloud_clients(script, expected):
                         text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == expected.split()
+
+
+_WALK_WHILE_IMPORTING = """
+import importlib.machinery, sys, threading
+sys.setswitchinterval(1e-6)  # switch threads often: mid-walk, mid-import
+from trainer import writers
+writers.import_tensorboardx()  # tensorboardX is cached from now on: each call is quick
+stop, skipped = threading.Event(), []
+
+def keep_importing():
+  while not stop.is_set():
+    writers.import_tensorboardx()
+
+thread = threading.Thread(target=keep_importing)
+thread.start()
+for _ in range(200000):  # what an import does: walk sys.meta_path, finder by finder
+  if not any(f is importlib.machinery.PathFinder for f in sys.meta_path):
+    skipped.append(1)
+stop.set()
+thread.join()
+print(len(skipped), sum(f is writers._REFUSER for f in sys.meta_path))
+"""
+
+
+def test_importing_tensorboardx_never_hides_a_finder_from_another_threads_import():
+  # sys.meta_path used to lose its refusing finder after each import: a concurrent walk
+  # then skipped the next finder (PathFinder), and scipy failed to import in CI.
+  proc = subprocess.run([sys.executable, "-c", _WALK_WHILE_IMPORTING], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["0", "1"]
 
 
 @pytest.mark.parametrize("port", [-1, 65536, "6009", 1.5])

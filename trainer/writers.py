@@ -31,16 +31,25 @@ from trainer.errors import UserError
 _TENSORBOARDX_SKIPS = ("google.cloud.storage", "boto3")
 
 
-class _RefusedOnThread(importlib.abc.MetaPathFinder):
-  """Makes imports of `names` fail, only for those made on the thread that made this."""
+class _RefusedOnThreads(importlib.abc.MetaPathFinder):
+  """Makes imports of `names` fail, only for those made on the threads in `threads`.
+
+  Installed once at the front of `sys.meta_path` and never removed: another thread may be
+  walking `sys.meta_path` (an import) at any moment, and removing an entry shifts the list
+  under it so that it skips a finder (a spurious ModuleNotFoundError elsewhere).
+  """
 
   def __init__(self, names):
-    self.names, self.thread = frozenset(names), threading.current_thread()
+    self.names, self.threads = frozenset(names), set()
 
   def find_spec(self, fullname, path=None, target=None):  # pylint: disable=unused-argument
-    if fullname in self.names and threading.current_thread() is self.thread:
+    if fullname in self.names and threading.get_ident() in self.threads:
       raise ModuleNotFoundError(f"{fullname}: not needed by tensorboardX here", name=fullname)
     return None  # the usual finders decide
+
+
+_REFUSER = _RefusedOnThreads(_TENSORBOARDX_SKIPS)
+_REFUSER_LOCK = threading.Lock()
 
 
 def import_tensorboardx():
@@ -50,12 +59,15 @@ def import_tensorboardx():
   rest of tensorboardX). Other threads import those clients as usual meanwhile, and one
   already imported is used as is.
   """
-  refuse = _RefusedOnThread(_TENSORBOARDX_SKIPS)
-  sys.meta_path.insert(0, refuse)
+  me = threading.get_ident()
+  with _REFUSER_LOCK:
+    if _REFUSER not in sys.meta_path:
+      sys.meta_path.insert(0, _REFUSER)  # a walk under way at worst asks a finder twice
+    _REFUSER.threads.add(me)
   try:
     import tensorboardX  # pylint: disable=g-import-not-at-top
   finally:
-    sys.meta_path.remove(refuse)
+    _REFUSER.threads.discard(me)
   return tensorboardX
 
 
