@@ -112,6 +112,24 @@ def test_changed_optimizer_exits_2_before_training_and_keeps_every_step(run_200,
   assert _snapshot(workdir) == before  # No step deleted, run.json untouched, no lease.
 
 
+@pytest.mark.parametrize("record", ["{not json", None])  # None: the run's, another config
+def test_a_workdir_it_cannot_resume_is_refused_before_anything_is_built(run_200, tmp_path,
+                                                                        monkeypatch, record):
+  workdir = _copy(run_200, tmp_path)
+  if record is not None:
+    (workdir / "run.json").write_text(record)
+  before = _snapshot(workdir)
+
+  def build(*args, **kwargs):
+    raise AssertionError("built: data loaded and compilation started before the refusal")
+
+  monkeypatch.setattr(train, "build", build)
+  with pytest.raises(UserError, match="run.json is not valid JSON|a different config"):
+    train.train_and_evaluate(tiny_config("breast_cancer.py", train__steps=300, seed=1),
+                             str(workdir))
+  assert _snapshot(workdir) == before
+
+
 def test_a_changed_shape_is_named_with_both_shapes(run_200):
   config = tiny_config("breast_cancer.py")
   tx, _ = train.make_optimizer(config)

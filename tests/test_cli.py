@@ -45,6 +45,26 @@ BAD_INPUTS = {
                           "config.optimizer.learning_rate=nan: expected a finite number >= 0"),
     "negative_weight_decay": (["--config.optimizer.weight_decay=-0.1"],
                               "config.optimizer.weight_decay=-0.1: expected a finite number"),
+    "misspelt_field": (["--config.trainn.steps=5"], "--config.trainn.steps: the config has no"
+                       " field 'trainn'; expected 'train'?"),
+    "unknown_field": (["--config.foo.bar=1"], "--config.foo.bar: the config has no field"
+                      " 'foo'; expected a field the config file defines"),
+    "negative_momentum": (["--config.optimizer.name=sgd", "--config.optimizer.momentum=-0.5"],
+                          "config.optimizer.momentum=-0.5: expected a finite number >= 0"),
+    "negative_watchdog": (["--config.train.watchdog_timeout=-1"],
+                          "config.train.watchdog_timeout=-1: expected a finite number >= 0"),
+    "no_skips_allowed": (["--config.train.max_consecutive_skips=0"],
+                         "config.train.max_consecutive_skips=0: expected a finite number >= 1"),
+    "negative_initialization_timeout": (["--config.distributed.initialization_timeout=-5"],
+                                        "config.distributed.initialization_timeout=-5: expected"
+                                        " a finite number >= 1"),
+    "negative_width_layer": (["--config.model.hidden=-4,8"],
+                             "config.model.name='mlp' could not be initialised on examples of"
+                             " shape (1, 64) float32: TypeError: "),
+    "cnn_on_table_rows": ([MOBILE, f"--config.data.path={DATA_DIR / 'train.csv'}",
+                           "--config.model.name=cnn"],
+                          "config.model.name='cnn' could not be initialised on examples of"
+                          " shape (1, 20) float32"),
     "zero_width_layer": (["--config.model.hidden=0,64"],
                          "parameter hidden_0.bias has shape (0,), with no elements; expected"
                          " positive layer sizes"),

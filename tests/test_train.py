@@ -73,6 +73,21 @@ def test_binary_model_has_one_sigmoid_output():
   np.testing.assert_allclose(np.asarray(loss), np.asarray(expected))
 
 
+@pytest.mark.parametrize("outputs", [1, 4])
+def test_held_out_losses_and_predictions_on_the_host_equal_the_training_loss(outputs):
+  # The evaluation computes them in NumPy from `predict`'s host logits; the step in JAX.
+  rng = np.random.default_rng(0)
+  logits = (rng.standard_normal((64, 3, outputs)) * 30).astype(np.float32)
+  logits[0, 0] = 1e4  # far past exp's float32 range either way
+  logits[1, 0] = -1e4
+  labels = rng.integers(0, max(outputs, 2), (64, 3)).astype(np.int32)
+  losses, preds = tasks._losses_and_predictions(logits, labels)
+  np.testing.assert_allclose(losses, np.asarray(tasks.loss_per_example(logits, labels)),
+                             rtol=2e-6, atol=1e-6)
+  np.testing.assert_array_equal(preds, np.asarray(tasks.predictions(jnp.asarray(logits))))
+  assert losses.dtype == np.float32 and np.isfinite(losses).all()
+
+
 def test_default_run_writes_every_artefact(tmp_path):
   workdir = tmp_path / "run"
   summary = train.train_and_evaluate(tiny_config(train__steps=60, train__eval_every=30,
@@ -183,7 +198,7 @@ def test_a_resumed_run_never_makes_the_initial_state(tmp_path):
   train.train_and_evaluate(tiny_config(train__steps=60, **cadence), workdir)
   job = train.build(tiny_config(train__steps=90, **cadence))
   made, make = [], job.make_state
-  job.make_state = lambda: made.append(1) or make()
+  job.make_state = lambda **kwargs: made.append(1) or make(**kwargs)
   summary = train.run(job, workdir, allow_config_change=True)
   assert made == [] and summary["resumed_from_step"] == 60 and summary["final_step"] == 90
   assert job.state is not None and made == [1]  # made when asked for

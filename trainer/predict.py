@@ -50,11 +50,7 @@ def load_run(workdir: str):
                            " run directory written by python -m trainer")
   from trainer import runinfo  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(runinfo.read_record(workdir).get("config", {}))
-  try:
-    stats = storage.read_json(stats_path)
-  except ValueError as e:  # not JSON, or not UTF-8
-    raise errors.UserError(f"{stats_path} is not valid JSON ({e}); expected the data"
-                           " statistics a run writes") from None
+  stats = storage.read_json_object(stats_path, "the data statistics a run writes")
   step, state = checkpoint.load_latest(storage.path(workdir) / "checkpoints")
   if step is None:
     raise errors.UserError(f"--workdir={workdir}: no committed checkpoint")

@@ -147,16 +147,8 @@ def read_record(workdir: str) -> dict | None:
   path = storage.path(workdir) / "run.json"
   if not path.exists():
     return None
-  try:
-    record = json.loads(storage.read_bytes(path).decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    record = e
-  if not isinstance(record, dict):
-    what = f"not valid JSON ({record})" if isinstance(record, Exception) else (
-        f"a JSON {type(record).__name__}")
-    raise UserError(f"{path} is {what}; expected the run record a run writes: move it aside,"
-                    " or use a new --workdir")
-  return record
+  return storage.read_json_object(
+      path, "the run record a run writes: move it aside, or use a new --workdir")
 
 
 def check_resume_config(workdir: str, config, allow_change: bool) -> None:

@@ -323,6 +323,24 @@ def read_json(p: str | os.PathLike) -> Any:
   return json.loads(read_bytes(p).decode("utf-8"))
 
 
+def read_json_object(p: str | os.PathLike, expected: str) -> dict:
+  """The JSON object in file `p`, which a run wrote (run.json, data_stats.json).
+
+  Raises:
+    UserError: the file is not UTF-8 JSON, or holds no object; `expected` says what it
+      should hold. The file is left as it is.
+  """
+  try:
+    obj = read_json(p)
+  except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    what = f"not valid JSON ({e})"
+  else:
+    if isinstance(obj, dict):
+      return obj
+    what = f"a JSON {type(obj).__name__}"
+  raise UserError(f"{p} is {what}; expected {expected}")
+
+
 def _json_default(obj: Any) -> Any:
   if hasattr(obj, "tolist"):  # numpy scalars and arrays
     return obj.tolist()

@@ -181,11 +181,16 @@ def _validate(config) -> None:
     raise UserError(f"config.train.nonfinite_policy={config.train.nonfinite_policy!r}:"
                     " expected stop or skip")
   profiling.parse_steps(config.profile.steps)
-  for key in ("learning_rate", "weight_decay"):
-    value = config.optimizer.get(key, 0.0)
+  for section, key, lowest in (("optimizer", "learning_rate", 0),
+                               ("optimizer", "weight_decay", 0),
+                               ("optimizer", "momentum", 0),
+                               ("train", "watchdog_timeout", 0),
+                               ("train", "max_consecutive_skips", 1),
+                               ("distributed", "initialization_timeout", 1)):
+    value = config[section].get(key, lowest)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        0.0 <= value < float("inf")):
-      raise UserError(f"config.optimizer.{key}={value!r}: expected a finite number >= 0")
+        lowest <= value < float("inf")):
+      raise UserError(f"config.{section}.{key}={value!r}: expected a finite number >= {lowest}")
   if not 0.0 <= config.train.ema_decay < 1.0:
     raise UserError(f"config.train.ema_decay={config.train.ema_decay}: expected 0 (off) or a"
                     " value in (0, 1)")
@@ -215,9 +220,11 @@ class Job:
   train_step: Any  # train_step with every keyword bound: (state, batch) -> (state, metrics)
   step_fn: Any  # train_step compiled by the strategy (donates the state)
   hooks: list = dataclasses.field(default_factory=list)
-  # The initial state's shapes, dtypes and shardings, and the function that makes it.
+  # The initial state's shapes, dtypes and shardings; the function that makes it (it
+  # takes `lowered=`, the initialiser lowered already, or None) and the one that lowers it.
   abstract_state: Any = None
   make_state: Any = dataclasses.field(default=None, repr=False)
+  lower_state: Any = dataclasses.field(default=None, repr=False)
   # Compiled multi-step functions and the split on the devices, made on first use.
   cache: dict = dataclasses.field(default_factory=dict, repr=False)
   _state: Any = dataclasses.field(default=None, init=False, repr=False)
@@ -230,7 +237,14 @@ class Job:
     run never compiles or runs the initialiser.
     """
     if self._state is None and self.make_state is not None:
-      self._state = self.make_state()
+      lowered = None
+      lowering = self.cache.pop("lowered_state", None)  # `loop.precompile`'s, if it ran
+      if lowering is not None:
+        try:
+          lowered = lowering.result()
+        except Exception:  # pylint: disable=broad-except
+          pass  # lowered again below, where its error is raised
+      self._state = self.make_state(lowered=lowered)
     return self._state
 
   @state.setter
@@ -303,20 +317,32 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
                       f" config.train.grad_accum_steps={accum}")
     strategy.check_batch_size(config.train.batch_size // accum,
                               "config.train.batch_size / grad_accum_steps")
+  what = (f"config.model.name={config.model.name!r}" if model is None
+          else f"the model {getattr(model, '__name__', type(model).__name__)}")
   model = _as_model(model, config, task.num_outputs(dataset))
   tx, schedule = optimizers.make(config)
   l2 = 0.0 if optimizers.decoupled(config) else float(config.optimizer.weight_decay)
   init = functools.partial(create_train_state, model=model, tx=tx,
                            example_x=dataset.example_x(), ema=config.train.ema_decay > 0)
   init, seed = _seeded(init, config.seed)
-  abstract_state = strategy.plan_state(init, seed)
+  try:
+    abstract_state = strategy.plan_state(init, seed)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Most often a model that does not fit the data (a CNN on table rows, a negative
+    # width); `--verbosity=1` prints the traceback.
+    raise UserError(f"{what} could not be initialised on examples of shape"
+                    f" {tuple(dataset.example_x().shape)} {dataset.example_x().dtype}:"
+                    f" {type(e).__name__}: {storage.one_line(e)}") from e
   _check_sizes(abstract_state.params)
   step = functools.partial(train_step, model=model, task=task, tx=tx, schedule=schedule, l2=l2,
                            mask=optimizers.weight_decay_mask(config),
                            accum_steps=accum, ema_decay=config.train.ema_decay)
   job = Job(config, dataset, task, model, strategy, tx, schedule, step,
             strategy.compile_step(step), list(hooks), abstract_state,
-            functools.partial(strategy.init_state, init, seed, planned=True))
+            functools.partial(strategy.init_state, init, seed, planned=True),
+            functools.partial(strategy.lower_init, init, seed))
   # The first dispatch's function compiles on another thread meanwhile.
   loop_lib.precompile(job, abstract_state)
   return job
@@ -341,8 +367,13 @@ def train_and_evaluate(config, workdir: str | None = None, allow_config_change: 
     committed; Diverged: non-finite loss or gradient under the `stop` policy.
   """
   start_time = time.time()
+  _validate(config)  # (`build` validates too; the processes have not met yet here)
   if workdir:
     storage.absolute(workdir)  # a URL of another scheme is refused before any compilation
+    if not storage.is_remote(workdir):
+      # So is a local workdir's corrupt run.json or changed config. `run` checks again
+      # under the workdir's lease, and a bucket only after its access check.
+      runinfo.check_resume_config(workdir, config, allow_config_change)
   distributed.initialize(config)
   if jax.process_count() > 1 and preemption.requested_before_start():
     raise Preempted("preempted during start-up, before any step: nothing new to save")
