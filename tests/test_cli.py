@@ -59,12 +59,25 @@ BAD_INPUTS = {
                                         "config.distributed.initialization_timeout=-5: expected"
                                         " a finite number >= 1"),
     "negative_width_layer": (["--config.model.hidden=-4,8"],
-                             "config.model.name='mlp' could not be initialised on examples of"
-                             " shape (1, 64) float32: TypeError: "),
+                             "config.model.name='mlp' could not be initialised and applied on"
+                             " examples of shape (1, 64) float32: TypeError: "),
     "cnn_on_table_rows": ([MOBILE, f"--config.data.path={DATA_DIR / 'train.csv'}",
                            "--config.model.name=cnn"],
-                          "config.model.name='cnn' could not be initialised on examples of"
-                          " shape (1, 20) float32"),
+                          "config.model.name='cnn' could not be initialised and applied on"
+                          " examples of shape (1, 20) float32"),
+    "synthetic_without_classes": (["--config.data.source=synthetic",
+                                   "--config.data.num_classes=0"],
+                                  "config.data.num_classes=0: expected an integer >= 2"),
+    "images_for_an_mlp": (["--config.data.images=True"],
+                          "task classification: the model's outputs for one example of shape"
+                          " (1, 8, 8, 1) have shape (1, 8, 8, 10); expected (1, 10)"),
+    "label_only_csv": ([MOBILE, "--config.data.path=LABEL_ONLY"], "the label column"
+                       " 'price_range' is its only column; expected at least one feature"),
+    "float32_overflow": ([MOBILE, "--config.data.path=HUGE"], "line 3, column 'battery_power':"
+                         " '1e300' is past float32's range"),
+    "no_feature_named": ([MOBILE, f"--config.data.path={DATA_DIR / 'train.csv'}",
+                          "--config.data.feature_columns=,"],
+                         "config.data.feature_columns=',' names no column; expected"),
     "zero_width_layer": (["--config.model.hidden=0,64"],
                          "parameter hidden_0.bias has shape (0,), with no elements; expected"
                          " positive layer sizes"),
@@ -85,6 +98,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
   if case == "bad_process_env":
     env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2",
            "JAX_PROCESS_ID": "2"}
+  # A CSV with just the label column, and one whose first feature cell is 1e300.
+  (tmp_path / "label_only.csv").write_text("price_range\n0\n1\n")
+  (tmp_path / "huge.csv").write_text("battery_power,price_range\n5,0\n1e300,1\n")
+  args = [a.replace("LABEL_ONLY", str(tmp_path / "label_only.csv"))
+          .replace("HUGE", str(tmp_path / "huge.csv")) for a in args]
   workdir = tmp_path / "run"
   proc = run_trainer([*args, f"--workdir={workdir}"], env=env, timeout=120)
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])

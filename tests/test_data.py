@@ -59,6 +59,8 @@ BAD_CSVS = {
     "word_label": (GOOD_HEADER + "1,2,0\n1,2,inf\n", "line 3, column 'price_range': 'inf' is not"),
     "empty_cell": (GOOD_HEADER + "1,2,0\n,2,1\n", "line 3, column 'a': empty cell"),
     "inf": (GOOD_HEADER + "1,inf,0\n", "line 2, column 'b': 'inf' is not a finite"),
+    "past_float32": (GOOD_HEADER + "1,-1e300,0\n", "line 2, column 'b': '-1e300' is past"
+                     " float32's range"),
     "overflow": (GOOD_HEADER + "1,1e400,0\n", "line 2, column 'b': '1e400' is not a finite"),
     "nan": (GOOD_HEADER + "1,2,0\n3,nan,1\n", "line 3, column 'b': 'nan' is not a finite"),
     "short_row": (GOOD_HEADER + "1,2,0\n1,2\n", "line 3: 2 fields, fewer than the 3 in the header"),

@@ -98,6 +98,6 @@ def test_an_unwritable_output_or_a_corrupt_run_exits_2(run_dir, mobile_price_csv
   for content, what in (("{not json", "is not valid JSON"), ("[1, 2]", "is a JSON list")):
     (broken / "data_stats.json").write_text(content)
     proc = _predict(broken, test_csv, tmp_path / "out.csv")
-    assert proc.returncode == 2 and f"data_stats.json {what}; expected the data statistics" in (
-        proc.stderr), proc.stderr[-2000:]
+    assert proc.returncode == 2 and f"data_stats.json {what}" in proc.stderr and (
+        "expected the data statistics a run writes" in proc.stderr), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()

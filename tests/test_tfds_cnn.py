@@ -1,6 +1,7 @@
 """TFDS source (a real data set prepared locally, and a catalogue set by name) and the CNN."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +87,16 @@ def test_unknown_tfds_set_or_feature_is_a_user_error(tfds_dir):
   with pytest.raises(UserError, match="has no feature 'pixels'"):
     data.load(tiny_config("mobile_price_tfds.py", data__data_dir=str(tfds_dir),
                           data__feature_key="pixels"))
+
+
+def test_a_set_not_prepared_in_data_dir_is_refused_at_once_not_downloaded(tmp_path):
+  # Without the prepared files, TFDS would download MNIST (minutes without a network,
+  # a run reads prepared files only: trainer/configs/mnist_cnn.py says how to prepare).
+  started = time.monotonic()
+  with pytest.raises(UserError, match="TFDS data set 'mnist' .* cannot be read"):
+    data.load(tiny_config("mnist_cnn.py", data__data_dir=str(tmp_path)))
+  assert time.monotonic() - started < 30
+  assert list(tmp_path.iterdir()) == []  # nothing downloaded or half-prepared
 
 
 def test_mnist_by_name_with_the_cnn(tmp_path, monkeypatch):

@@ -38,6 +38,25 @@ class Task:
     """(mean loss, {metric: scalar}) of one batch. Pure: runs inside the jitted step."""
     raise NotImplementedError
 
+  def check_outputs(self, outputs: jax.ShapeDtypeStruct, example: dict, dataset) -> None:
+    """Raises UserError when the model's `outputs` for one training `example` (a batch of
+    one, labels included) cannot be what `loss` takes. `build` calls it before anything
+    runs or is written, so a model that does not fit the task or data ends there with
+    one line, not in the step. The default accepts any outputs."""
+    del outputs, example, dataset
+
+  def _one_output_row_per_label(self, outputs, example, width: int | None) -> None:
+    """The built-in tasks' rule: the labels' shape, then `width` outputs (any if None)."""
+    labels = example.get("y")
+    if labels is None:
+      return
+    expected = tuple(np.shape(labels)) + ((width,) if width else tuple(outputs.shape[-1:]))
+    if tuple(outputs.shape) != expected:
+      raise UserError(f"task {self.name}: the model's outputs for one example of shape"
+                      f" {tuple(np.shape(example['x']))} have shape {tuple(outputs.shape)};"
+                      f" expected {expected}: the labels' shape {tuple(np.shape(labels))},"
+                      f" then {width or 'the'} output(s) per label")
+
   def evaluate(self, strategy, model, variables, dataset) -> dict:
     """Held-out metrics (a flat dict of floats, `loss` among them)."""
     raise NotImplementedError
@@ -134,6 +153,9 @@ class Classification(Task):
                       " expected at least 2 (a numeric target is config.task=regression)")
     return 1 if dataset.num_classes == 2 else dataset.num_classes
 
+  def check_outputs(self, outputs, example, dataset):
+    self._one_output_row_per_label(outputs, example, self.num_outputs(dataset))
+
   def loss(self, outputs, batch):
     loss = loss_per_example(outputs, batch["y"]).mean()
     return loss, {"accuracy": jnp.mean(predictions(outputs) == batch["y"])}
@@ -182,6 +204,9 @@ class LanguageModel(Task):
   """Next-token prediction: y is x shifted by one; `[B, T, vocab]` logits."""
 
   name = "lm"
+
+  def check_outputs(self, outputs, example, dataset):
+    self._one_output_row_per_label(outputs, example, None)  # the vocabulary: the model's
 
   def predict_columns(self, outputs, stats):
     raise UserError("python -m trainer.predict labels CSV rows; a language model run (task lm)"
@@ -246,6 +271,9 @@ class Regression(Task):
       raise UserError(f"task regression: the data set's labels are {dataset.num_classes} classes;"
                       " expected a numeric target (a CSV's: config.data.task=regression)")
     return 1
+
+  def check_outputs(self, outputs, example, dataset):
+    self._one_output_row_per_label(outputs, example, 1)
 
   def loss(self, outputs, batch):
     error = outputs[..., 0].astype(jnp.float32) - batch["y"]

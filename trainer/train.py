@@ -322,20 +322,25 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
   model = _as_model(model, config, task.num_outputs(dataset))
   tx, schedule = optimizers.make(config)
   l2 = 0.0 if optimizers.decoupled(config) else float(config.optimizer.weight_decay)
+  example = dataset.train_batch(np.arange(1))  # one training example, labels included
   init = functools.partial(create_train_state, model=model, tx=tx,
-                           example_x=dataset.example_x(), ema=config.train.ema_decay > 0)
+                           example_x=example["x"], ema=config.train.ema_decay > 0)
   init, seed = _seeded(init, config.seed)
   try:
     abstract_state = strategy.plan_state(init, seed)
+    _check_sizes(abstract_state.params)
+    outputs = jax.eval_shape(model.eval_apply, {"params": eval_params(abstract_state),
+                                                **(abstract_state.model_state or {})},
+                             example["x"])
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Most often a model that does not fit the data (a CNN on table rows, a negative
     # width); `--verbosity=1` prints the traceback.
-    raise UserError(f"{what} could not be initialised on examples of shape"
-                    f" {tuple(dataset.example_x().shape)} {dataset.example_x().dtype}:"
+    raise UserError(f"{what} could not be initialised and applied on examples of shape"
+                    f" {tuple(example['x'].shape)} {example['x'].dtype}:"
                     f" {type(e).__name__}: {storage.one_line(e)}") from e
-  _check_sizes(abstract_state.params)
+  task.check_outputs(outputs, example, dataset)
   step = functools.partial(train_step, model=model, task=task, tx=tx, schedule=schedule, l2=l2,
                            mask=optimizers.weight_decay_mask(config),
                            accum_steps=accum, ema_decay=config.train.ema_decay)

@@ -187,6 +187,10 @@ def load_embedded(config) -> Dataset:
 
 def load_synthetic(config) -> Dataset:
   """`synthetic`: a learnable random classification problem (`_synthetic`)."""
+  for key, lowest in (("num_examples", 1), ("num_features", 1), ("num_classes", 2)):
+    value = config.data[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+      raise UserError(f"config.data.{key}={value!r}: expected an integer >= {lowest}")
   x, y = _synthetic(config.seed, config.data.num_examples, config.data.num_features,
                     config.data.num_classes)
   names = [f"x{i}" for i in range(x.shape[1])]

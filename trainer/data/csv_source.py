@@ -39,6 +39,9 @@ def read_table(url: str, label_column: str, feature_columns: list[str]):
     raise UserError(f"{url}: no label column {label_column!r}{hint}; columns are"
                     f" {', '.join(header)}")
   features = feature_columns or [c for c in header if c != label_column]
+  if not features:
+    raise UserError(f"{url}: the label column {label_column!r} is its only column; expected"
+                    " at least one feature column beside it")
   missing = [c for c in features if c not in header]
   if missing:
     raise UserError(f"{url}: feature column(s) {', '.join(map(repr, missing))} not found;"

@@ -77,6 +77,10 @@ def read_csv(config):
   """
   data = config.data
   url = data.path
+  for field in ("feature_columns", "categorical_columns"):
+    if str(data[field]).strip() and not split_list(data[field]):
+      raise UserError(f"config.data.{field}={data[field]!r} names no column; expected"
+                      " comma-separated column names, or empty")
   frame, columns = csv_source.read_table(url, data.label_column,
                                          split_list(data.feature_columns))
   declared = split_list(data.categorical_columns)
@@ -131,12 +135,17 @@ def _finite(url, cells: pd.Series, column: str, hint: str, numbers=None) -> np.n
   """float64 values of a numeric column (NaN = empty); any other non-finite cell is an error
   naming its line, with `hint` when the cell is a word rather than nan or inf."""
   values, written = numbers or _numbers(cells)
-  bad = np.flatnonzero(~np.isfinite(values) & (cells != "").to_numpy())
+  # The model reads float32: a number past its range (e.g. 1e300) would be infinite there.
+  too_large = np.isfinite(values) & (np.abs(values) > np.finfo(np.float32).max)
+  bad = np.flatnonzero((~np.isfinite(values) | too_large) & (cells != "").to_numpy())
   if bad.size:
     row = int(bad[0])
-    hint = "" if written[row] else f" ({hint})"
+    if too_large[row]:
+      what = f"is past float32's range (+-{np.finfo(np.float32).max:.4g})"
+    else:
+      what = "is not a finite number" + ("" if written[row] else f" ({hint})")
     raise UserError(f"{url}: line {cells.index[row] + 2}, column {column!r}:"
-                    f" {cells.iloc[row]!r} is not a finite number{hint}")
+                    f" {cells.iloc[row]!r} {what}")
   return values
 
 
