@@ -175,10 +175,10 @@ def test_the_first_dispatch_is_compiled_once_while_the_state_is(tmp_path, strate
   lowered, first_step = _lowerings(_config(strategy, on_device=on_device), tmp_path / "run")
   mine = [thread for name, thread in lowered if function in name]
   assert mine == ["jaxjob-precompile"], lowered
-  # The initialiser is lowered on that thread too, first, and compiled on the main thread.
+  # The main thread traces the initialiser only once that thread has traced the step.
   initialiser = [(i, thread) for i, (name, thread) in enumerate(lowered)
                  if "create_train_state" in name]
-  assert initialiser == [(0, "jaxjob-precompile")], lowered
+  assert initialiser == [(1, "MainThread")] and function in lowered[0][0], lowered
   # The evaluation's executable compiled on the main thread meanwhile, once, before the
   # first step: the evaluations at steps 25, 50 and 60 found it; their losses are NumPy's.
   _assert_compiled_ahead(lowered, first_step, ("eval_apply",))

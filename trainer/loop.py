@@ -64,12 +64,12 @@ def split_to_hold(config, dataset) -> dict | None:
 def precompile(job, abstract_state) -> None:
   """Compiles the function of a run's first dispatch on a background thread.
 
-  The thread first lowers the initial state's initialiser (`job.lower_state`, for
-  `job.state` to compile), then traces and compiles the first dispatch's function. Tracing
-  holds the GIL and XLA's compilation does not, so the initialiser compiles on the main
-  thread while the step is traced: tracing both at once only made each take twice as long.
-  The first dispatch finds its function in JAX's caches (arguments with the same shapes,
-  types and shardings hit them). The first dispatch is a few steps over the split on the devices, or, host-fed,
+  Tracing holds the GIL and XLA's compilation does not: `job.state` waits until the
+  thread has traced the step (`job.cache["step_traced"]`) before it traces the
+  initialiser, so the two traces do not share the GIL (each took about twice as long),
+  and the initialiser then compiles beside the step. The first dispatch finds its
+  function in JAX's caches (arguments with the same shapes, types and shardings hit
+  them). The first dispatch is a few steps over the split on the devices, or, host-fed,
   one step (`Loop._prepare`). Nothing is done for pmap, whose state is laid out per
   device, nor for host-fed data with several steps per dispatch. An error is left for
   the first dispatch to raise. `Loop._prepare` waits for the thread (`job.cache`).
@@ -79,30 +79,27 @@ def precompile(job, abstract_state) -> None:
   if not job.strategy.precompiles or (split is None and cfg.steps_per_dispatch > 1):
     return
   strategy, rows = job.strategy, cfg.batch_size // jax.process_count()
-  lowering = None
-  if job.lower_state is not None:
-    lowering = job.cache["lowered_state"] = concurrent.futures.Future()
+  traced = job.cache["step_traced"] = threading.Event()
 
   def compile_first_dispatch():
-    if lowering is not None:
-      try:
-        lowering.set_result(job.lower_state())
-      except BaseException as e:  # pylint: disable=broad-except
-        lowering.set_exception(e)
     try:
       if split is not None:
         indices = np.zeros((cfg.steps_per_dispatch or AUTO_CAPACITY, rows), np.int32)
         xs = strategy.steps_input({"i": indices}, cfg.batch_size)["i"]
         args = (abstract_state, xs, strategy.steps_count(1), job.device_split())
-        job.steps_fn(on_device=True).lower(*args).compile()
+        lowered = job.steps_fn(on_device=True).lower(*args)
       else:
         indices = data.process_batch_indices(job.config.seed, 0, cfg.batch_size,
                                              job.dataset.num_train, jax.process_index(),
                                              jax.process_count())
         batch = strategy.batch(job.dataset.train_batch(indices), cfg.batch_size)
-        job.step_fn.lower(abstract_state, batch).compile()
+        lowered = job.step_fn.lower(abstract_state, batch)
+      traced.set()
+      lowered.compile()
     except Exception:  # pylint: disable=broad-except
       log.debug("precompiling the first dispatch failed", exc_info=True)
+    finally:
+      traced.set()
 
   # Not a daemon: Python's exit waits for it. A daemon thread still inside XLA's compiler
   # when the interpreter finalises aborts the process (an early exit 2 did so).

@@ -151,22 +151,14 @@ class DataParallel:
                                                           weak_type=a.weak_type),
                         abstract, self.state_shardings)
 
-  def lower_init(self, init_fn, *args):
-    """`init_fn` traced and lowered for `init_state`, its outputs sharded by the plan
-    (`plan_state(init_fn, *args)` ran first). Thread-safe: `loop.precompile` calls it."""
-    return jax.jit(init_fn, out_shardings=self.state_shardings).lower(*args)
-
-  def init_state(self, init_fn, *args, planned: bool = False, lowered=None):
+  def init_state(self, init_fn, *args, planned: bool = False):
     """Runs `init_fn(*args)` with its outputs created already sharded by the rule.
 
-    `planned`: `plan_state(init_fn, *args)` ran last, so its shardings stand. `lowered`:
-    what `lower_init(init_fn, *args)` returned, when it ran already.
+    `planned`: `plan_state(init_fn, *args)` ran last, so its shardings stand.
     """
     if not planned:
       self.plan_state(init_fn, *args)
-    if lowered is None:
-      lowered = self.lower_init(init_fn, *args)
-    return lowered.compile()(*args)
+    return jax.jit(init_fn, out_shardings=self.state_shardings)(*args)
 
   def batch(self, local: dict[str, np.ndarray], global_size: int) -> dict[str, jax.Array]:
     """Assembles per-process slices into global arrays split over every device."""

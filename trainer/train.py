@@ -220,11 +220,9 @@ class Job:
   train_step: Any  # train_step with every keyword bound: (state, batch) -> (state, metrics)
   step_fn: Any  # train_step compiled by the strategy (donates the state)
   hooks: list = dataclasses.field(default_factory=list)
-  # The initial state's shapes, dtypes and shardings; the function that makes it (it
-  # takes `lowered=`, the initialiser lowered already, or None) and the one that lowers it.
+  # The initial state's shapes, dtypes and shardings, and the function that makes it.
   abstract_state: Any = None
   make_state: Any = dataclasses.field(default=None, repr=False)
-  lower_state: Any = dataclasses.field(default=None, repr=False)
   # Compiled multi-step functions and the split on the devices, made on first use.
   cache: dict = dataclasses.field(default_factory=dict, repr=False)
   _state: Any = dataclasses.field(default=None, init=False, repr=False)
@@ -237,14 +235,10 @@ class Job:
     run never compiles or runs the initialiser.
     """
     if self._state is None and self.make_state is not None:
-      lowered = None
-      lowering = self.cache.pop("lowered_state", None)  # `loop.precompile`'s, if it ran
-      if lowering is not None:
-        try:
-          lowered = lowering.result()
-        except Exception:  # pylint: disable=broad-except
-          pass  # lowered again below, where its error is raised
-      self._state = self.make_state(lowered=lowered)
+      traced = self.cache.pop("step_traced", None)  # set by `loop.precompile`'s thread
+      if traced is not None:
+        traced.wait()  # tracing the initialiser meanwhile would slow both traces down
+      self._state = self.make_state()
     return self._state
 
   @state.setter
@@ -346,8 +340,7 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
                            accum_steps=accum, ema_decay=config.train.ema_decay)
   job = Job(config, dataset, task, model, strategy, tx, schedule, step,
             strategy.compile_step(step), list(hooks), abstract_state,
-            functools.partial(strategy.init_state, init, seed, planned=True),
-            functools.partial(strategy.lower_init, init, seed))
+            functools.partial(strategy.init_state, init, seed, planned=True))
   # The first dispatch's function compiles on another thread meanwhile.
   loop_lib.precompile(job, abstract_state)
   return job
