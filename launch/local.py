@@ -104,8 +104,16 @@ class _Job:
 
 
 def _run(args) -> int:
-  if args.processes < 1 or args.devices_per_process < 1:
-    raise common.UsageError("--processes and --devices-per-process must be at least 1")
+  # One machine: more processes than this would only exhaust it.
+  if not (1 <= args.processes <= 256 and 1 <= args.devices_per_process <= 256):
+    raise common.UsageError(f"--processes={args.processes}, --devices-per-process="
+                            f"{args.devices_per_process}: expected 1 to 256 each")
+  if not 0 <= args.port <= 65535:
+    raise common.UsageError(f"--port={args.port}: expected a TCP port, 1 to 65535 (0: a free"
+                            " one)")
+  if not 0 <= args.grace_period < float("inf"):  # (NaN fails this too)
+    raise common.UsageError(f"--grace-period={args.grace_period}: expected a number of"
+                            " seconds >= 0")
   trainer_args = common.trainer_args(args.trainer_args, workdir_in_flags=True)
   argv = [sys.executable, "-m", "trainer", *trainer_args]
   port = args.port or _free_port()

@@ -63,6 +63,7 @@ _ZONE = re.compile(r"^[a-z]{2,20}-[a-z]{2,20}[0-9]{1,2}-[a-z]$")
 _PROJECT = re.compile(r"^([a-z][-a-z0-9.]{0,61}[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$")
 _VERSION = re.compile(r"^[a-z0-9][-a-z0-9._]{0,127}$")
 _DURATION = re.compile(r"^([0-9]{1,6}[dhms]){1,4}$")
+_DURATION_PART = re.compile(r"([0-9]+)([dhms])")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{1,63}$")
 _GS_PACKAGE = re.compile(r"^(gs://[^\[\]]+/([^/\[\]]+)\.(whl|tar\.gz))(\[[a-z0-9_,-]+\])?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -132,8 +133,12 @@ def create_argvs(args) -> tuple[list[str], list[list[str]]]:
   """Returns (notes, argvs) for `create`; validates every flag first."""
   name = _name(args.name)
   where = _where(args)
-  accelerator = _check(args.accelerator_type, _ACCELERATOR, "--accelerator-type",
-                       "a type such as v4-8, v5litepod-16, v5p-8 or v6e-8")
+  expected = "a type such as v4-8, v5litepod-16, v5p-8 or v6e-8"
+  accelerator = _check(args.accelerator_type, _ACCELERATOR, "--accelerator-type", expected)
+  size = int(accelerator.rsplit("-", 1)[1])
+  if size < 1 or size & (size - 1):  # every TPU slice is a power of two of chips or cores
+    raise common.UsageError(f"--accelerator-type={accelerator}: a slice of {size} is not"
+                            f" valid; expected a power of two, {expected}")
   if args.version is not None:
     version = _check(args.version, _VERSION, "--version", "a runtime version")
     notes = [f"runtime version {version} (from --version)"]
@@ -143,8 +148,11 @@ def create_argvs(args) -> tuple[list[str], list[list[str]]]:
   labels = f"--labels=jaxjob_run={name},jaxjob_owner={_owner(args)}"
   for flag in ("valid_until_duration", "max_runtime"):
     if getattr(args, flag) is not None:
-      _check(getattr(args, flag), _DURATION, "--" + flag.replace("_", "-"),
-             "a duration such as 30m, 6h or 1d12h")
+      value = _check(getattr(args, flag), _DURATION, "--" + flag.replace("_", "-"),
+                     "a duration such as 30m, 6h or 1d12h")
+      if not any(int(n) for n, _ in _DURATION_PART.findall(value)):
+        raise common.UsageError(f"--{flag.replace('_', '-')}={value}: expected a duration"
+                                " longer than 0, such as 30m, 6h or 1d12h")
   if not args.queued:
     for flag, value in (("valid-until-duration", args.valid_until_duration),
                         ("max-runtime", args.max_runtime), ("flex-start", args.flex_start)):
@@ -332,6 +340,9 @@ def run_argvs(args) -> tuple[list[str], list[list[str]]]:
     common.validate_image(args.image)
   elif _CONTROL.search(args.pip_spec) or not args.pip_spec.strip():
     raise common.UsageError(f"--pip-spec={args.pip_spec!r}: expected one requirement line")
+  elif args.pip_spec.startswith("gs://") and not _GS_PACKAGE.fullmatch(args.pip_spec):
+    raise common.UsageError(f"--pip-spec={args.pip_spec}: a gs:// spec must name a wheel or"
+                            " sdist, e.g. gs://BUCKET/jaxjob-0.1.0-py3-none-any.whl[tfds]")
   env = _env(args.env)
   script = run_script(name, workdir, trainer_args, image=args.image, pip_spec=args.pip_spec,
                       env=env)

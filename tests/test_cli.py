@@ -65,6 +65,24 @@ BAD_INPUTS = {
                            "--config.model.name=cnn"],
                           "config.model.name='cnn' could not be initialised and applied on"
                           " examples of shape (1, 20) float32"),
+    "negative_heartbeat": (["--config.distributed.heartbeat_timeout=-5"],
+                           "config.distributed.heartbeat_timeout=-5: expected a finite number"
+                           " >= 1"),
+    "nan_clip_norm": (["--config.optimizer.grad_clip_norm=nan"],
+                      "config.optimizer.grad_clip_norm=nan: expected a finite number >= 0"),
+    "momentum_past_one": (["--config.optimizer.name=sgd", "--config.optimizer.momentum=5"],
+                          "config.optimizer.momentum=5.0: expected a value in [0, 1)"),
+    "no_class_named": (["--config.data.classes=,"], "config.data.classes=',' names no class"),
+    "bad_bucket_name": ([MOBILE, "--config.data.path=gs://BAD_Bucket!/x.csv"],
+                        "gs://BAD_Bucket!/x.csv: no valid bucket name after gs://"),
+    "feature_named_twice": ([MOBILE, f"--config.data.path={DATA_DIR / 'train.csv'}",
+                             "--config.data.feature_columns=ram,ram"],
+                            "config.data.feature_columns lists 'ram' more than once"),
+    "carriage_returns_only": ([MOBILE, "--config.data.path=CR_ONLY"],
+                              "line 1: new-line character seen in unquoted field; expected a"
+                              " comma-separated header line"),
+    "state_past_memory": (["--config.model.hidden=1000000000"],  # 838 GiB on 8 devices
+                          "the train state (parameters and optimiser state) needs"),
     "synthetic_without_classes": (["--config.data.source=synthetic",
                                    "--config.data.num_classes=0"],
                                   "config.data.num_classes=0: expected an integer >= 2"),
@@ -101,8 +119,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
   # A CSV with just the label column, and one whose first feature cell is 1e300.
   (tmp_path / "label_only.csv").write_text("price_range\n0\n1\n")
   (tmp_path / "huge.csv").write_text("battery_power,price_range\n5,0\n1e300,1\n")
+  (tmp_path / "cr.csv").write_bytes(b"ram,price_range\r5,0\r6,1\r")  # old Mac line ends
   args = [a.replace("LABEL_ONLY", str(tmp_path / "label_only.csv"))
-          .replace("HUGE", str(tmp_path / "huge.csv")) for a in args]
+          .replace("HUGE", str(tmp_path / "huge.csv"))
+          .replace("CR_ONLY", str(tmp_path / "cr.csv")) for a in args]
   workdir = tmp_path / "run"
   proc = run_trainer([*args, f"--workdir={workdir}"], env=env, timeout=120)
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
@@ -148,9 +168,47 @@ def test_a_corrupt_run_json_is_refused_and_left_as_it_is(tmp_path, content):
     assert (workdir / "run.json").read_text() == content
 
 
+@pytest.mark.parametrize("entry, make, expected", [
+    ("checkpoints", lambda p: p.write_text(""), "checkpoints there is not a folder"),
+    ("run.json", lambda p: p.mkdir(), "run.json is not a file"),
+])
+def test_a_workdir_entry_of_the_wrong_kind_is_refused_and_left(tmp_path, entry, make,
+                                                                expected):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  make(workdir / entry)
+  proc = run_trainer(["--config.train.steps=60", f"--workdir={workdir}"], timeout=120)
+  _one_line_exit_2(proc, expected)
+  assert [p.name for p in workdir.iterdir()] == [entry]
+
+
+def test_a_config_name_that_would_leave_runs_is_refused(tmp_path):
+  # Without --workdir the run goes to runs/<config.name>-<time>, below the current folder.
+  for name in ("../escaped", "/tmp/absolute", ""):
+    proc = run_trainer([f"--config.name={name}", "--config.train.steps=60"], cwd=tmp_path,
+                       timeout=120)
+    _one_line_exit_2(proc, f"config.name={name!r} names the default workdir")
+  assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / "escaped").exists()
+
+
+def test_a_new_workdir_is_not_left_behind_by_bad_input_found_after_its_check(tmp_path):
+  # The W&B writer starts after the workdir's write check, which made the folder.
+  workdir = tmp_path / "run"
+  proc = run_trainer(["--config.train.steps=60", "--config.report.wandb_project=x",
+                      f"--workdir={workdir}"], timeout=120,
+                     env={"WANDB_API_KEY": "", "WANDB_MODE": "online",
+                          "NETRC": str(tmp_path / "no-netrc"), "HOME": str(tmp_path / "home")})
+  _one_line_exit_2(proc, "config.report.wandb_project='x'")
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("trainer_flags, expected", [
     (["--config.train.steps=5"], "unrecognized arguments: --config.train.steps=5"),
     (["--", "--config.name=a\nb"], "control characters"),
+    (["--port=70000"], "--port=70000: expected a TCP port"),
+    (["--port=-1"], "--port=-1: expected a TCP port"),
+    (["--grace-period=nan"], "--grace-period=nan: expected a number of seconds >= 0"),
+    (["--processes=100000"], "--processes=100000, --devices-per-process=4: expected 1 to 256"),
 ])
 def test_launch_local_checks_trainer_flags_like_every_launcher(trainer_flags, expected):
   proc = subprocess.run([sys.executable, "-m", "launch", "local", "--dry-run", *trainer_flags],

@@ -83,6 +83,15 @@ def test_bad_csv_names_file_line_and_column(tmp_path, case):
   assert "\n" not in message
 
 
+def test_integer_labels_past_float64s_exact_range_stay_apart(tmp_path):
+  # 2**53 + 1 and 2**53 + 2 are one float64; as int64 they would become one class.
+  path = tmp_path / "ids.csv"
+  path.write_text(GOOD_HEADER + "1,2,9007199254740993\n3,4,9007199254740994\n"
+                  "5,6,9007199254740993\n")
+  _, labels, _ = tabular.read_csv(_csv_config(path))
+  assert sorted(set(labels.tolist())) == ["9007199254740993", "9007199254740994"]
+
+
 def _csv_config(path, **overrides):
   return tiny_config("csv.py", data__path=str(path), data__label_column="price_range",
                      **overrides)

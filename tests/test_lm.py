@@ -118,7 +118,7 @@ def test_memmap_token_file(tmp_path, dtype):
   assert len(ds.train_x) == 41 and len(ds.test_x) == 5 and ds.stats["source"] == str(path)
 
 
-def test_bad_token_files_are_user_errors(tmp_path):
+def test_bad_token_files_are_user_errors(tmp_path, monkeypatch):
   cfg = lambda path, **kw: tiny_config("lm_tiny.py", data__token_path=str(path), **kw)
   with pytest.raises(UserError, match="no such file"):
     data.load(cfg(tmp_path / "missing.bin"))
@@ -128,8 +128,15 @@ def test_bad_token_files_are_user_errors(tmp_path):
     data.load(cfg(odd))
   big = tmp_path / "big.bin"
   np.full(1000, 300, np.uint16).tofile(big)
-  with pytest.raises(UserError, match="token id 300 is outside"):
+  with pytest.raises(UserError, match="token id 300 at position 0 is outside"):
     data.load(cfg(big))
+  middle = tmp_path / "middle.bin"  # one bad id far from both ends, in a chunk of its own
+  ids = np.zeros(5000, np.uint16)
+  ids[2600] = 301
+  ids.tofile(middle)
+  monkeypatch.setattr(tokens, "_CHECKED_TOKENS", 512)
+  with pytest.raises(UserError, match="token id 301 at position 2600 is outside"):
+    data.load(cfg(middle))
   short = tmp_path / "short.bin"
   np.zeros(70, np.uint16).tofile(short)
   with pytest.raises(UserError, match="need at least 2"):

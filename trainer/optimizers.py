@@ -74,8 +74,9 @@ def make(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
                     " or warmup_cosine")
   tx = registry.resolve("optimizer", opt.name)(schedule, opt, weight_decay_mask(config))
   clip = float(opt.grad_clip_norm)
-  if clip < 0:
-    raise UserError(f"config.optimizer.grad_clip_norm={clip}: expected >= 0 (0 = off)")
+  if not 0 <= clip < float("inf"):  # (NaN fails this too)
+    raise UserError(f"config.optimizer.grad_clip_norm={clip}: expected a finite number >= 0"
+                    " (0 = off)")
   if clip:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx, schedule

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 import types
 
@@ -51,7 +52,16 @@ def load_run(workdir: str):
   from trainer import runinfo  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(runinfo.read_record(workdir).get("config", {}))
   stats = storage.read_json_object(stats_path, "the data statistics a run writes")
-  step, state = checkpoint.load_latest(storage.path(workdir) / "checkpoints")
+  try:
+    step, state = checkpoint.load_latest(storage.path(workdir) / "checkpoints")
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if storage.is_storage_error(e):
+      raise
+    raise errors.UserError(f"--workdir={workdir}: its newest committed checkpoint cannot be"
+                           f" read ({type(e).__name__}: {storage.one_line(e)}); expected the"
+                           " checkpoints a run writes") from e
   if step is None:
     raise errors.UserError(f"--workdir={workdir}: no committed checkpoint")
   params = state["params"] if state.get("ema_params") is None else state["ema_params"]
@@ -107,6 +117,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from trainer.data import csv_source  # pylint: disable=g-import-not-at-top
   from trainer.data import tabular  # pylint: disable=g-import-not-at-top
+  output = _OUTPUT.value
+  if not output.strip() or output.endswith(("/", os.sep)):
+    _bad_input(f"--output={output!r}: expected the path of a CSV file to write")
+  if "://" not in output and os.path.lexists(output) and not os.path.isfile(output):
+    _bad_input(f"--output={output}: cannot write there: it exists and is not a regular file"
+               " (a folder, a device or a pipe); expected the path of a CSV file to write")
   try:
     config, stats, variables = load_run(_WORKDIR.value)
     task, _ = task_of(config, stats)
@@ -131,6 +147,8 @@ def main(argv):
     writer.writerow(([id_values[i]] if id_values else []) + [columns[c][i] for c in columns])
   try:
     storage.write_text(_OUTPUT.value, out.getvalue())
+  except errors.UserError as e:  # a URL of another scheme
+    _bad_input(f"--output={_OUTPUT.value}: {e}")
   except OSError as e:
     _bad_input(f"--output={_OUTPUT.value}: cannot write there ({storage.reason(e)}); expected a"
                " file path in a writable folder")

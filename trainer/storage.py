@@ -15,6 +15,7 @@ them. `STORAGE_EMULATOR_HOST` points every client at an emulator (see `configure
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -75,12 +76,20 @@ def path(p: str | os.PathLike) -> epath.Path:
   return epath.Path(p)
 
 
+# GCS bucket names (cloud.google.com/storage/docs/buckets#naming), checked offline: a
+# malformed one made gcsfs retry for minutes.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+
+
 def _check_scheme(p: str | os.PathLike) -> None:
   """Refuses a URL of another scheme (http://, s3://): it would be read as a local path."""
   scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(p))
   if scheme and scheme.group(1) != "gs":
     raise UserError(f"{p}: {scheme.group(1)}:// is not supported; expected a local path or a"
                     " gs:// URL")
+  if scheme and not _BUCKET.fullmatch(str(p)[len("gs://"):].split("/", 1)[0]):
+    raise UserError(f"{p}: no valid bucket name after gs://; expected gs://BUCKET/PATH, a"
+                    " bucket of 3 to 222 lowercase letters, digits, '-', '_' and '.'")
 
 
 def is_remote(p: str | os.PathLike) -> bool:
@@ -112,6 +121,13 @@ def check_writable(workdir: str) -> None:
     probe.unlink()
   except OSError as e:
     raise UserError(f"--workdir={workdir}: not writable ({e.strerror or e})") from None
+  # What a run writes into, if there already, must be of the kind it writes.
+  for name, is_kind, kind in (("checkpoints", os.path.isdir, "a folder"),
+                              ("run.json", os.path.isfile, "a file")):
+    entry = os.path.join(os.fspath(path(workdir)), name)
+    if os.path.lexists(entry) and not is_kind(entry):
+      raise UserError(f"--workdir={workdir}: {name} there is not {kind}; expected a workdir"
+                      " a run wrote, or a new one")
 
 
 def _check_gcs_access(workdir: str, probe: epath.Path) -> None:
@@ -305,10 +321,18 @@ def write_bytes(p: str | os.PathLike, data: bytes) -> None:
     # reset connection hides whether it arrived. GCS has no directories to create.
     retry(_gcs(target).pipe_file, os.fspath(target), data)
     return
+  if os.path.lexists(target) and not os.path.isfile(target):
+    # os.replace would put a file in place of a device such as /dev/null (as root).
+    raise OSError(errno.EEXIST, "it exists and is not a regular file", os.fspath(target))
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_bytes(data)
-  os.replace(tmp, target)
+  try:
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    raise
 
 
 def write_text(p: str | os.PathLike, text: str) -> None:
@@ -330,6 +354,8 @@ def read_json_object(p: str | os.PathLike, expected: str) -> dict:
     UserError: the file is not UTF-8 JSON, or holds no object; `expected` says what it
       should hold. The file is left as it is.
   """
+  if not is_remote(p) and not os.path.isfile(p):
+    raise UserError(f"{p} is not a file; expected {expected}")
   try:
     obj = read_json(p)
   except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -10,9 +10,12 @@ caller passes the object itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import math
+import os
 import time
 from typing import Any
 
@@ -186,14 +189,39 @@ def _validate(config) -> None:
                                ("optimizer", "momentum", 0),
                                ("train", "watchdog_timeout", 0),
                                ("train", "max_consecutive_skips", 1),
-                               ("distributed", "initialization_timeout", 1)):
+                               ("distributed", "initialization_timeout", 1),
+                               ("distributed", "heartbeat_timeout", 1)):
     value = config[section].get(key, lowest)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
         lowest <= value < float("inf")):
       raise UserError(f"config.{section}.{key}={value!r}: expected a finite number >= {lowest}")
+  if config.optimizer.get("momentum", 0) >= 1:
+    raise UserError(f"config.optimizer.momentum={config.optimizer.momentum}: expected a"
+                    " value in [0, 1)")
   if not 0.0 <= config.train.ema_decay < 1.0:
     raise UserError(f"config.train.ema_decay={config.train.ema_decay}: expected 0 (off) or a"
                     " value in (0, 1)")
+
+
+def _check_memory(abstract_state) -> None:
+  """Refuses a state that cannot fit: its shards on one device (on CPU: on every local
+  device together, in this host's memory) against the memory there. Training needs more
+  (gradients, activations); this only stops what would fail at the first allocation."""
+  def shard_bytes(leaf) -> int:
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    return math.prod(shape) * getattr(leaf.dtype, "itemsize", 8)
+
+  need = sum(shard_bytes(leaf) for leaf in jax.tree.leaves(abstract_state))
+  limit, where = loop_lib.device_memory_bytes(), "one device's memory"
+  if limit is None and jax.local_devices()[0].platform == "cpu":
+    need *= jax.local_device_count()
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    where = "this host's memory"
+  if limit and need > limit:
+    raise UserError(f"the train state (parameters and optimiser state) needs"
+                    f" {need / 2**30:.1f} GiB, more than {where} ({limit / 2**30:.1f} GiB);"
+                    " expected a smaller config.model, or more devices with"
+                    " config.parallel.fsdp")
 
 
 def _check_sizes(params) -> None:
@@ -323,6 +351,7 @@ def build(config, *, model=None, dataset=None, task=None, hooks=()) -> Job:
   try:
     abstract_state = strategy.plan_state(init, seed)
     _check_sizes(abstract_state.params)
+    _check_memory(abstract_state)
     outputs = jax.eval_shape(model.eval_apply, {"params": eval_params(abstract_state),
                                                 **(abstract_state.model_state or {})},
                              example["x"])
@@ -399,18 +428,27 @@ def run(job: Job, workdir: str | None, allow_config_change: bool = False, *,
   """
   if jax.process_index() == 0:
     plotting.start()  # matplotlib loads in its own process while the run trains
+  workdir = storage.absolute(workdir or runinfo.default_workdir(job.config.name))
+  # A local workdir this run creates is removed again when bad input ends the run before
+  # anything is written into it (e.g. W&B without its key): only an empty folder goes.
+  new = not storage.is_remote(workdir) and not os.path.lexists(workdir)
   writer = lease.Lease()
   try:
-    return _run(job, workdir, allow_config_change, writer, watcher, start_time)
-  finally:
-    writer.release()
+    try:
+      return _run(job, workdir, allow_config_change, writer, watcher, start_time)
+    finally:
+      writer.release()
+  except UserError:
+    if new and jax.process_index() == 0:
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)
+    raise
 
 
 def _run(job, workdir, allow_config_change, writer, watcher, start_time) -> dict:
   start_time = time.time() if start_time is None else start_time
   config, dataset, strategy = job.config, job.dataset, job.strategy
   profiling.start_server(config.profile.server_port)
-  workdir = storage.absolute(workdir or runinfo.default_workdir(config.name))
   distributed.check_agreement(config.to_json_best_effort())
   # Writability first: on a bucket without access, reading run.json would fail less clearly.
   storage.check_writable(workdir)

@@ -248,6 +248,9 @@ def _select_classes(where, x, y, classes: str):
   present = np.unique(y)
   names = [str(c) for c in present]
   listed = _split_list(classes)
+  if str(classes).strip() and not listed:
+    raise UserError(f"config.data.classes={classes!r} names no class; expected comma-separated"
+                    " label values, or empty for all")
   if listed:
     absent = [c for c in listed if c not in names]
     if absent:

@@ -39,6 +39,10 @@ def read_table(url: str, label_column: str, feature_columns: list[str]):
     raise UserError(f"{url}: no label column {label_column!r}{hint}; columns are"
                     f" {', '.join(header)}")
   features = feature_columns or [c for c in header if c != label_column]
+  twice = sorted({c for c in features if features.count(c) > 1})
+  if twice:
+    raise UserError(f"config.data.feature_columns lists {', '.join(map(repr, twice))} more than"
+                    " once; expected each column once")
   if not features:
     raise UserError(f"{url}: the label column {label_column!r} is its only column; expected"
                     " at least one feature column beside it")
@@ -89,7 +93,11 @@ def _read_header(url: str, text: str) -> list[str]:
   first = text.split("\n", 1)[0]
   if not first.strip():
     raise UserError(f"{url}: file is empty: expected a header line and data rows")
-  header = [h.strip() for h in next(csv.reader([first]))]
+  try:  # the first record, which may hold a quoted newline
+    header = [h.strip() for h in next(csv.reader(io.StringIO(text), strict=True))]
+  except csv.Error as e:
+    raise UserError(f"{url}: line 1: {str(e).split(' - ')[0]}; expected a comma-separated header line, lines ending"
+                    " in \\n or \\r\\n") from None
   seen = set()
   for name in header:
     if not name:

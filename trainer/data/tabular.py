@@ -160,6 +160,8 @@ def _labels(url, cells: pd.Series, column: str, task: str) -> np.ndarray:
     raise UserError(f"{url}: line {cells.index[bad[0]] + 2}, column {column!r}: label"
                     f" {cells.iloc[bad[0]]!r} is not an integer; a numeric target to predict"
                     " is config.data.task=regression")
+  if values.size and np.abs(values).max() > 2**53:  # past float64's exact integers
+    return cells.to_numpy(dtype=str)  # as written, so that no two labels merge
   return values.astype(np.int64)
 
 
