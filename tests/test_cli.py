@@ -81,6 +81,10 @@ BAD_INPUTS = {
     "carriage_returns_only": ([MOBILE, "--config.data.path=CR_ONLY"],
                               "line 1: new-line character seen in unquoted field; expected a"
                               " comma-separated header line"),
+    "fractional_width": (["--config.model.hidden=1.5,2.5"],
+                         "config.model.hidden=(1.5, 2.5): expected whole layer widths"),
+    "profile_past_the_end": (["--config.train.steps=60", "--config.profile.steps=100,200"],
+                             "config.profile.steps='100,200' starts past the run's last step"),
     "state_past_memory": (["--config.model.hidden=1000000000"],  # 838 GiB on 8 devices
                           "the train state (parameters and optimiser state) needs"),
     "synthetic_without_classes": (["--config.data.source=synthetic",

@@ -183,7 +183,10 @@ def _validate(config) -> None:
   if config.train.nonfinite_policy not in ("stop", "skip"):
     raise UserError(f"config.train.nonfinite_policy={config.train.nonfinite_policy!r}:"
                     " expected stop or skip")
-  profiling.parse_steps(config.profile.steps)
+  window = profiling.parse_steps(config.profile.steps)
+  if window and window[0] >= config.train.steps:
+    raise UserError(f"config.profile.steps={config.profile.steps!r} starts past the run's last"
+                    f" step (config.train.steps={config.train.steps}); expected START below it")
   for section, key, lowest in (("optimizer", "learning_rate", 0),
                                ("optimizer", "weight_decay", 0),
                                ("optimizer", "momentum", 0),

@@ -65,7 +65,13 @@ def mlp(*, num_outputs: int, hidden: Sequence[int] = (128, 128), activation: str
   if activation not in _ACTIVATIONS:
     raise UserError(f"config.model.activation={activation!r}: expected one of"
                     f" {', '.join(_ACTIVATIONS)}")
-  return MLP(tuple(int(h) for h in hidden), num_outputs, activation, _dtype(dtype))
+  widths = tuple(hidden) if isinstance(hidden, (list, tuple)) else (hidden,)
+  whole = lambda h: (isinstance(h, (int, float)) and not isinstance(h, bool)
+                     and float(h).is_integer())
+  if not all(whole(h) for h in widths):  # int(1.5) would quietly make it 1
+    raise UserError(f"config.model.hidden={hidden!r}: expected whole layer widths, e.g."
+                    " 128,128")
+  return MLP(tuple(int(h) for h in widths), num_outputs, activation, _dtype(dtype))
 
 
 def cnn(*, num_outputs: int, conv_features: Sequence[int] = (32, 64), dense: int = 128,
