@@ -6,10 +6,9 @@ stderr, nothing written); 42 preempted after a committed checkpoint; 3 diverged;
 
 import gc
 
-# Python's cyclic garbage collector pauses for 0.3 s in all during the imports and the
-# first compilations (three full collections of a heap that JAX, Flax and Optax make
-# large): it waits until those imports are done, and then never walks them again
-# (`_settle_heap`).
+# Python's cyclic garbage collector paused a run for 0.3 s in all: three full collections
+# of the large heap that importing JAX, Flax and Optax builds. It stays off until the
+# imports are done, and then skips what they made (`_settle_heap`).
 if __name__ == "__main__":
   gc.disable()
 

@@ -139,6 +139,11 @@ def main(argv):
     columns = task.predict_columns(outputs, stats)
   except errors.UserError as e:
     _bad_input(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if not storage.is_storage_error(e):
+      raise
+    print(f"error: storage failed: {storage.reason(e)}", file=sys.stderr)  # one line, exit 1
+    sys.exit(1)
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")  # class names may hold commas or quotes
   id_values = extra.get(_ID_COLUMN.value)
