@@ -96,8 +96,8 @@ def _read_header(url: str, text: str) -> list[str]:
   try:  # the first record, which may hold a quoted newline
     header = [h.strip() for h in next(csv.reader(io.StringIO(text), strict=True))]
   except csv.Error as e:
-    raise UserError(f"{url}: line 1: {str(e).split(' - ')[0]}; expected a comma-separated header line, lines ending"
-                    " in \\n or \\r\\n") from None
+    raise UserError(f"{url}: line 1: {str(e).split(' - ')[0]}; expected a comma-separated"
+                    " header line, lines ending in \\n or \\r\\n") from None
   seen = set()
   for name in header:
     if not name:
