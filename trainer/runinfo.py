@@ -24,7 +24,7 @@ def _utc(ts: float | None = None) -> str:
 
 def default_workdir(name: str) -> str:
   """runs/<name>-<UTC timestamp>, with process 0's clock on every process."""
-  if not name.strip() or os.sep in name or "/" in name or name.startswith("."):
+  if not name.strip() or "/" in name or os.sep in name or name.startswith("."):
     raise UserError(f"config.name={name!r} names the default workdir runs/<name>-<time>:"
                     " expected a plain name (no '/', not starting with '.'), or pass"
                     " --workdir")

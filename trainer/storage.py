@@ -121,13 +121,11 @@ def check_writable(workdir: str) -> None:
     probe.unlink()
   except OSError as e:
     raise UserError(f"--workdir={workdir}: not writable ({e.strerror or e})") from None
-  # What a run writes into, if there already, must be of the kind it writes.
-  for name, is_kind, kind in (("checkpoints", os.path.isdir, "a folder"),
-                              ("run.json", os.path.isfile, "a file")):
-    entry = os.path.join(os.fspath(path(workdir)), name)
-    if os.path.lexists(entry) and not is_kind(entry):
-      raise UserError(f"--workdir={workdir}: {name} there is not {kind}; expected a workdir"
-                      " a run wrote, or a new one")
+  # Checkpoints go into a folder, if one is there already (run.json: `read_json_object`).
+  checkpoints = os.path.join(os.fspath(path(workdir)), "checkpoints")
+  if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
+    raise UserError(f"--workdir={workdir}: checkpoints there is not a folder; expected a"
+                    " workdir a run wrote, or a new one")
 
 
 def _check_gcs_access(workdir: str, probe: epath.Path) -> None:
